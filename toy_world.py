@@ -1,0 +1,373 @@
+"""The toy research world: the embedded default that lets the whole pipeline run on a laptop CPU.
+
+A seeded synthetic knowledge base of fictional people, cities, countries and companies, rendered as a
+FlashRAG-format passage corpus, with questions an agent can only answer by searching it, a byte-level BPE
+tokenizer trained on the world's text, and a ~1M-parameter Qwen2 model (the same code path as
+Qwen2.5-7B). Nothing here exists in the paper: it is our stand-in for Wikipedia + NQ/HotpotQA so that
+`python train.py` shows SFT -> GRPO learning in minutes (PAPER.md, DESIGN.md "toy_world.py").
+
+Design, following the two prototypes in shared/notes/toy_world_feasibility.md:
+1. What the agent must copy is made of tokens it has seen. A person's name is three syllables written as
+   three capitalised words ("Ka Lo Mi"), each syllable one token of the tokenizer (checked at build
+   time), so spelling an unseen name into a query is copying three known tokens. Answer-side entities
+   (24 cities in 8 countries, 16 companies and their 16 founders) are fixed sets shared by all splits.
+2. Question subjects are disjoint across train/dev/test: no test question can be answered from memory.
+3. Three question types (`QUESTION_TYPES`), each with its gold chain (what to search at each hop, the
+   passage that answers it, the bridge entity):
+   - `city`        1 hop : "Where was X born?"                        X -> city
+   - `founder`     2 hops: "Who founded the company that X works for?" X -> company -> founder
+   - `mentor_city` 2 hops: "Where was the mentor of X born?"           X -> mentor M -> M's city
+   `mentor_city` is the hard type: the bridge is an unseen person of the same split, so its second hop
+   exists only in the corpus, differs between splits, and needs a three-token name copied from a tool
+   response. The subject's own birth city is one search away and a tempting wrong answer.
+4. Distractors: every person shares syllables with many others (BM25 must match the full name), extra
+   people who are never asked about, and "travel" passages that put a person's name next to a city
+   that is not their birth city.
+
+The scripted teacher (`teacher_turns`) writes gold trajectories in the atomic-thought format (PAPER.md §2)
+and is imperfect on purpose (`premature_rate`: answer before the last hop; `wrong_search_rate`: search
+the wrong name first), so RL has something to improve. sft.py runs it through the real environment.
+
+What this world does not model: paraphrase, ambiguity, noisy or contradictory sources, long documents.
+
+Run `python toy_world.py` for a sample, `python toy_world.py --out DIR` to write the world
+(corpus/train/dev/test jsonl) and an untrained tiny model with its tokenizer to DIR/model.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from atomic_thought import THINK_PREFIX, Atom, ToolCall, Turn, make_turn, render_turn, system_prompt
+
+SYLLABLES = ("Ba Da Fe Gi Ka Lu Mo Ni Pa Ri Sa Tu Ve Zo Bi Du Fo Ga Ke Li "
+             "Ma Nu Pe Ro Si Te Vu Za Bo De Fi Gu Ko Le Mi Ne Po Ru Se Ti").split()
+COUNTRIES = "Aldoria Brevania Castemor Dunmark Elvaria Fenwold Gorvania Halsund".split()
+CITIES = ("Vendal Korvath Ostrel Mirelle Tarvos Quennel Brisca Olvane Drumlin Savora Pellin Corvane "
+          "Jastel Norwick Umbrel Varenne Ketterby Loswen Marrow Fallon Grisby Hathel Ivrel Yarrow").split()
+COMPANIES = ("Zentrix Quorra Helvix Atrano Bexley Cindral Dovanta Elmcrest "
+             "Fyrlo Gantrel Holtway Ixora Jubran Kelvane Lumora Mordane").split()
+QUESTION_TYPES = ("city", "founder", "mentor_city")
+SPLITS = ("train", "dev", "test")
+# Chat-format tokens: special (skipped by decode(skip_special_tokens=True)); end of turn doubles as EOS.
+CHAT_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# The grammar's tags as single, non-special tokens (they must survive decoding: parse_turn reads them).
+FORMAT_TOKENS = tuple(f"<{c}{t}>" for t in ("think", "tool_call", "tool_response", "answer",
+                                            "OBSERVATION", "HYPOTHESIS_TESTING", "RISK_ANALYSIS", "ACTION")
+                      for c in ("", "/"))
+# A Qwen2.5-style chat template (system/user/assistant, tool results as a user turn in <tool_response>).
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'tool' -%}"
+    "{{- '<|im_start|>user\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|im_end|>\\n' -}}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+TOOLS = ("web_search",)  # the toy world offers search only: its passages have no web addresses to browse
+DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Sizes of the world; the defaults are those of the working prototype (feasibility note)."""
+    n_train: int = 1200          # question subjects per split (disjoint people)
+    n_dev: int = 100
+    n_test: int = 200
+    n_extra_people: int = 300   # people who are never asked about: distractors only
+    travel_rate: float = 0.5    # share of people with a distractor "travel" passage
+
+
+@dataclass
+class World:
+    """The built world: corpus passages, questions per split, and the entity tables behind them."""
+    seed: int
+    config: WorldConfig
+    corpus: list[dict]                       # FlashRAG: {"id", "title", "text", "contents"}
+    splits: dict[str, list[dict]]            # FlashRAG questions: {"id", "question", "golden_answers", "metadata"}
+    people: dict[str, dict] = field(repr=False, default_factory=dict)   # name -> {"city", "company", "mentor", "split"}
+    city_country: dict[str, str] = field(repr=False, default_factory=dict)
+    company_founder: dict[str, str] = field(repr=False, default_factory=dict)
+
+    def key(self) -> str:
+        """A short hash naming this world (seed + config): the cache key for tokenizer and model."""
+        return hashlib.sha256(json.dumps([self.seed, asdict(self.config)]).encode()).hexdigest()[:12]
+
+
+def _passage(pid: str, title: str, text: str) -> dict:
+    # FlashRAG / Search-R1 wiki-18 convention: contents = quoted title line, then the text.
+    return {"id": pid, "title": title, "text": text, "contents": f'"{title}"\n{text}'}
+
+
+def build_world(seed: int = 0, config: WorldConfig = WorldConfig()) -> World:
+    """Build the world deterministically from `seed` (pure Python, well under a second)."""
+    rng = random.Random(seed)
+    city_country = {c: COUNTRIES[i % len(COUNTRIES)] for i, c in enumerate(CITIES)}   # 3 cities per country
+    n_people = config.n_train + config.n_dev + config.n_test + config.n_extra_people + len(COMPANIES)
+    names: set[str] = set()
+    while len(names) < n_people:                       # 40^3 = 64,000 possible names
+        names.add(" ".join(rng.sample(SYLLABLES, 3)))
+    names_list = sorted(names)
+    rng.shuffle(names_list)
+    founders, rest = names_list[:len(COMPANIES)], names_list[len(COMPANIES):]
+    company_founder = dict(zip(COMPANIES, founders))
+    sizes = {"train": config.n_train, "dev": config.n_dev, "test": config.n_test, "extra": config.n_extra_people}
+    people: dict[str, dict] = {}
+    start = 0
+    for split, n in sizes.items():
+        group = rest[start:start + n]
+        start += n
+        for i, name in enumerate(group):
+            # Mentors come from the same split, so a mentor_city answer never leaks across splits.
+            mentor = group[(i + 1 + rng.randrange(n - 1)) % n] if n > 1 else name
+            people[name] = {"city": rng.choice(CITIES), "company": rng.choice(COMPANIES), "mentor": mentor,
+                            "split": split}
+    for founder, company in zip(founders, COMPANIES):
+        people[founder] = {"city": rng.choice(CITIES), "company": company, "mentor": None, "split": "founder"}
+
+    corpus, doc_of = [], {}
+    for name, p in people.items():
+        facts = [f"{name} was born in {p['city']}.", f"{name} works for {p['company']}."]
+        if p["mentor"]:
+            facts.append(f"The mentor of {name} is {p['mentor']}.")
+        doc_of[name] = f"p{len(corpus)}"
+        corpus.append(_passage(doc_of[name], name, " ".join(facts)))
+        if rng.random() < config.travel_rate:   # a distractor: the name next to a city that is not the birth city
+            city = rng.choice([c for c in CITIES if c != p["city"]])
+            corpus.append(_passage(f"t{len(corpus)}", f"{name} travels",
+                                   f"{name} once travelled to {city} to visit a friend."))
+    for city, country in city_country.items():
+        doc_of[city] = f"c{len(corpus)}"
+        corpus.append(_passage(doc_of[city], city, f"{city} is a city in {country}."))
+    for company, founder in company_founder.items():
+        doc_of[company] = f"c{len(corpus)}"
+        corpus.append(_passage(doc_of[company], company,
+                               f"{company} is a company founded by {founder}. Its head office is in "
+                               f"{people[founder]['city']}."))
+
+    splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for name, p in people.items():
+        if p["split"] not in splits:
+            continue
+        mentor = p["mentor"]
+        chains = {
+            "city": (f"Where was {name} born?", p["city"],
+                     [(name, "birth city", p["city"])]),
+            "founder": (f"Who founded the company that {name} works for?", company_founder[p["company"]],
+                        [(name, "employer", p["company"]), (p["company"], "founder", company_founder[p["company"]])]),
+            "mentor_city": (f"Where was the mentor of {name} born?", people[mentor]["city"],
+                            [(name, "mentor", mentor), (mentor, "birth city", people[mentor]["city"])]),
+        }
+        # The wrong answer a premature stop gives (used by the flawed teacher; never shown to the agent).
+        traps = {"city": None, "founder": p["company"], "mentor_city": p["city"]}
+        for qtype in QUESTION_TYPES:
+            question, answer, chain = chains[qtype]
+            hops = [{"search": s, "doc_id": doc_of[s], "relation": r, "value": v} for s, r, v in chain]
+            splits[p["split"]].append({
+                "id": f"{p['split']}_{len(splits[p['split']])}", "question": question, "golden_answers": [answer],
+                "metadata": {"type": qtype, "subject": name, "hops": hops,
+                             "bridge": chain[0][2] if len(chain) > 1 else None, "trap": traps[qtype]}})
+    return World(seed, config, corpus, splits, people, city_country, company_founder)
+
+
+# ----------------------------------------------------------------------------- the scripted teacher
+def teacher_turns(question: dict, rng: random.Random, premature_rate: float = 0.0,
+                  wrong_search_rate: float = 0.0) -> list[Turn]:
+    """The assistant turns of a scripted teacher for one toy question (its gold chain in `metadata`).
+
+    Correct behaviour: one search per hop, then the answer, with the four canonical atomic thoughts in
+    every turn. Controlled flaws (our choice, so that RL has something to improve):
+    - `premature_rate`: on a 2-hop question, answer right after the first search with the value at hand
+      (the employer instead of its founder; the subject's own birth city instead of the mentor's);
+    - `wrong_search_rate`: the first search uses a wrong name (one syllable changed), then the teacher
+      notices and searches the right one.
+    The teacher never reads tool responses: its actions depend only on the gold chain.
+    """
+    meta = question["metadata"]
+    hops, subject = meta["hops"], meta["subject"]
+    goal = question["question"].rstrip("?")
+    turns, known = [], None          # known: the last fact found, as (relation, entity, value)
+
+    def search_turn(observation: str, hypothesis: str, risk: str, query: str) -> Turn:
+        return make_turn([Atom("OBSERVATION", observation), Atom("HYPOTHESIS_TESTING", hypothesis),
+                          Atom("RISK_ANALYSIS", risk), Atom("ACTION", f"Search for {query}.")],
+                         tool_call=ToolCall("web_search", {"query": query}))
+
+    if rng.random() < wrong_search_rate:
+        syllables = subject.split()
+        syllables[-1] = rng.choice([s for s in SYLLABLES if s not in syllables])
+        wrong = " ".join(syllables)
+        turns.append(search_turn(f"The question is: {goal}.", f"First I need facts about {wrong}.",
+                                 "Names here are similar, so the full name must match.", wrong))
+        turns.append(search_turn(f"The results are about {wrong}, not {subject}.",
+                                 f"I searched the wrong name; I need {subject}.",
+                                 "Names here are similar, so the full name must match.", subject))
+    else:
+        turns.append(search_turn(f"The question is: {goal}.", f"First I need facts about {subject}.",
+                                 "Names here are similar, so the full name must match.", subject))
+    for i, hop in enumerate(hops):
+        observation = f"The results say the {hop['relation']} of {hop['search']} is {hop['value']}."
+        if i < len(hops) - 1 and rng.random() < premature_rate:
+            # Flaw: stop one hop early and answer with the tempting value at hand (metadata "trap").
+            trap = meta["trap"]
+            if meta["type"] == "mentor_city":
+                observation = f"The results say the birth city of {subject} is {trap}."
+            turns.append(make_turn([Atom("OBSERVATION", observation),
+                                    Atom("HYPOTHESIS_TESTING", f"The answer is {trap}."),
+                                    Atom("RISK_ANALYSIS", "This answer was not checked with another search."),
+                                    Atom("ACTION", f"Answer {trap}.")], answer=trap))
+            return turns
+        if i == len(hops) - 1:
+            turns.append(make_turn([Atom("OBSERVATION", observation),
+                                    Atom("HYPOTHESIS_TESTING", f"The answer is {hop['value']}."),
+                                    Atom("RISK_ANALYSIS", f"The evidence names {hop['search']} exactly."),
+                                    Atom("ACTION", f"Answer {hop['value']}.")], answer=hop["value"]))
+        else:
+            nxt = hops[i + 1]
+            turns.append(search_turn(observation, f"Now I need the {nxt['relation']} of {nxt['search']}.",
+                                     f"The {hop['relation']} {hop['value']} must be searched exactly.", nxt["search"]))
+    return turns
+
+
+def render_teacher_text(question: dict, turns: list[Turn]) -> str:
+    """Plain text of a teacher trajectory (tool responses left out): tokenizer training text and samples."""
+    return "\n".join([system_prompt(TOOLS), question["question"]] + [render_turn(t) for t in turns])
+
+
+# ----------------------------------------------------------------------------- tokenizer and tiny model
+def build_tokenizer(world: World, vocab_size: int = 1024, cache_dir: str | os.PathLike | None = None):
+    """A byte-level BPE tokenizer trained on the world's text, as a transformers tokenizer with a chat template.
+
+    The grammar's tags are added as single non-special tokens, so the model emits a tag in one step and
+    decoding keeps it. Every name syllable must come out as one token with and without a leading space
+    (the copy-ability requirement above); that is checked, not assumed. Cached under `cache_dir`
+    (default data/toy-<world key>/tokenizer-<vocab_size>) and loaded from there on the next call.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(cache_dir or DEFAULT_DATA_DIR / f"toy-{world.key()}") / f"tokenizer-{vocab_size}"
+    if (path / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(path)
+    rng = random.Random(world.seed)
+    texts = [d["contents"] for d in world.corpus]
+    for split in SPLITS:
+        texts += [q["question"] for q in world.splits[split]]
+    for q in rng.sample(world.splits["train"], min(600, len(world.splits["train"]))):
+        texts.append(render_teacher_text(q, teacher_turns(q, rng, premature_rate=0.5, wrong_search_rate=0.3)))
+    # Every syllable, alone and after a space, often enough to be merged whatever the world's size.
+    texts += ["\n".join(SYLLABLES) + "\n" + " ".join(SYLLABLES)] * 50
+    for tag in FORMAT_TOKENS:                     # tags become added tokens: keep them out of the merges
+        texts = [t.replace(tag, " ") for t in texts]
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(FORMAT_TOKENS), special_tokens=list(CHAT_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in FORMAT_TOKENS])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    split_names = [s for s in SYLLABLES for form in (s, " " + s) if len(tok.encode(form).ids) != 1]
+    if split_names:
+        raise RuntimeError(f"vocab_size={vocab_size} too small: name syllables {split_names[:5]} are not one "
+                           "token each; raise vocab_size")
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, path) if not path.exists() else None   # atomic: a concurrent builder may have won
+    return AutoTokenizer.from_pretrained(path)
+
+
+def build_tiny_model(tokenizer, *, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4,
+                     num_kv_heads: int = 2, intermediate_size: int = 384, max_positions: int = 2048, seed: int = 0):
+    """A randomly initialised `Qwen2ForCausalLM` of ~1M parameters (Qwen2.5-7B's architecture, tiny).
+
+    Grouped-query attention (4 query heads sharing 2 KV heads) and tied embeddings as in small Qwen2.5s.
+    """
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                         num_key_value_heads=num_kv_heads, max_position_embeddings=max_positions,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def write_world(world: World, out_dir: str | os.PathLike, vocab_size: int = 1024) -> Path:
+    """Write corpus.jsonl, {train,dev,test}.jsonl and an untrained tiny model + tokenizer to out_dir/model."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in [("corpus", world.corpus)] + [(s, world.splits[s]) for s in SPLITS]:
+        with open(out / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    tokenizer = build_tokenizer(world, vocab_size)
+    model = build_tiny_model(tokenizer, seed=world.seed)
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    return out
+
+
+def render_example(question: dict, turns: list[Turn], passages: list[str]) -> list[dict]:
+    """The chat messages of a teacher trajectory, with `passages[i]` as the response to the i-th tool call."""
+    messages = [{"role": "system", "content": system_prompt(TOOLS)}, {"role": "user", "content": question["question"]}]
+    for i, turn in enumerate(turns):
+        messages.append({"role": "assistant", "content": render_turn(turn)})
+        if turn.tool_call is not None:
+            messages.append({"role": "tool", "content": passages[i]})
+    return messages
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0, help="world seed (people, attributes, splits)")
+    parser.add_argument("--out", default=None, help="write the world and an untrained tiny model to this folder")
+    parser.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size of the toy tokenizer")
+    args = parser.parse_args()
+    world = build_world(args.seed)
+    if args.out:
+        out = write_world(world, args.out, args.vocab_size)
+        print(f"wrote {len(world.corpus)} passages, " + ", ".join(f"{len(world.splits[s])} {s}" for s in SPLITS)
+              + f" questions and an untrained tiny model to {out}")
+        return
+    from atomic_thought import parse_turn
+    by_id = {d["id"]: d for d in world.corpus}
+    tokenizer = build_tokenizer(world, args.vocab_size)
+    model = build_tiny_model(tokenizer)
+    print(f"toy world seed {args.seed}: {len(world.corpus)} passages; "
+          + ", ".join(f"{s} {len(world.splits[s])}" for s in SPLITS) + " questions; "
+          f"vocab {len(tokenizer)}; tiny Qwen2 with {sum(p.numel() for p in model.parameters()):,} parameters\n")
+    question = next(q for q in world.splits["test"] if q["metadata"]["type"] == "mentor_city")
+    print(f"question: {question['question']}   golden answers: {question['golden_answers']}")
+    for i, hop in enumerate(question["metadata"]["hops"], 1):
+        print(f"  hop {i}: search {hop['search']!r} -> {hop['relation']} = {hop['value']!r}   "
+              f"gold passage {hop['doc_id']}: {by_id[hop['doc_id']]['text']}")
+    turns = teacher_turns(question, random.Random(0))
+    gold = [by_id[h["doc_id"]]["contents"] for h in question["metadata"]["hops"]]
+    messages = render_example(question, turns, gold)
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    print(f"\nexample trajectory (scripted teacher, gold passages as tool responses; "
+          f"{len(tokenizer(text)['input_ids'])} tokens):\n{text}")
+    print("parsed assistant turns:")
+    for m in messages:
+        if m["role"] == "assistant":
+            t = parse_turn(m["content"], tools=TOOLS)
+            action = f"tool_call {t.tool_call.arguments}" if t.tool_call else f"answer {t.answer!r}"
+            print(f"  {len(t.atoms)} atoms {[a.tag for a in t.atoms]} -> {action}")
+
+
+if __name__ == "__main__":
+    main()
