@@ -33,7 +33,7 @@ Backends (all `RRM.score(trajectories) -> list[ATR]`):
   once from a bounded thread pool over one pooled requests.Session. The API key comes from an environment
   variable (default OPENAI_API_KEY; unset = no auth header) and never appears in reprs, stats or errors.
 - `EngineRRM`: in-process through an engine.py engine and its tokenizer's chat template (one machine).
-- `ToyOracleRRM` (toy world only; see the end of this file): a rule-based stand-in for the LLM judge.
+- `ToyOracleRRM` (toy world only): a rule-based stand-in for the LLM judge (toy_world.oracle_atom_scores).
 
 Not covered: calibration of the judge's scale, caching of repeated trajectories, judging tool choice
 separately from thoughts. Run `python rrm_reward.py` to print the judge prompt of an example trajectory.
@@ -429,10 +429,24 @@ class EngineRRM(LLMJudgeRRM):
 
 
 # ---- backend 3: ToyOracleRRM (toy world) ------------------------------------------------------------
-# TODO(lead, issue 4): a subclass of `RRM` whose `_judge` scores each atom against the gold chain in
-# `trajectory.metadata` (right entity observed? bridge entity held once retrieved? action on the next hop?)
-# and returns `self._atr(trajectory, scores, reasons)`: the LLM judge's stand-in for the CPU demo/ablations.
 
+class ToyOracleRRM(RRM):
+    """The LLM judge's stand-in for the toy world (CPU demo, ablations): rule scores against the gold chain.
+
+    Not an LLM and not the paper's RRM: `toy_world.oracle_atom_scores` checks each atom against the
+    question's gold chain in `trajectory.metadata` (right entity observed, bridge entity held once it has
+    been retrieved, action on the next needed hop). It never sees the golden answer as such, only the chain
+    an ideal agent would follow, and it judges well-formed trajectories only, like the LLM backends.
+    """
+
+    def _judge(self, trajectories: list) -> list[ATR]:
+        from toy_world import oracle_atom_scores
+        out = []
+        for t in trajectories:
+            scored = oracle_atom_scores(t.turns, t.tool_responses, t.metadata)
+            self.stats["calls"] += 1
+            out.append(self._atr(t, [s for s, _ in scored], [r for _, r in scored]))
+        return out
 
 if __name__ == "__main__":
     from atomic_thought import Atom, ToolCall, make_turn

@@ -40,6 +40,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -232,6 +233,62 @@ def teacher_turns(question: dict, rng: random.Random, premature_rate: float = 0.
             turns.append(search_turn(observation, f"Now I need the {nxt['relation']} of {nxt['search']}.",
                                      f"The {hop['relation']} {hop['value']} must be searched exactly.", nxt["search"]))
     return turns
+
+
+# ----------------------------------------------------------------------------- the oracle judge
+def _names(text: str, entity: str) -> bool:
+    """Whole-word mention: "Ka Lo Mi" in "... of Ka Lo Mi." but not in "Ka Lo Mira"."""
+    return re.search(rf"(?<!\w){re.escape(entity)}(?!\w)", text) is not None
+
+
+def oracle_atom_scores(turns: list[Turn], tool_responses: list[str], metadata: dict) -> list[tuple[float, str]]:
+    """Score every atomic thought 0-10 against the question's gold chain: (score, reason) per atom, in order.
+
+    The toy world's stand-in for the Reasoning Reward Model (our rule, not the paper's judge). Before turn k
+    the agent has *retrieved* hop i when an earlier tool response holds both the hop's entity and its value
+    (the gold passage does). Then:
+      OBSERVATION        10 if it names what the agent should be looking at (the subject before any
+                         retrieval, else the newest retrieved value), 5 for another relevant entity, else 0;
+      HYPOTHESIS_TESTING 10 if it holds the newest retrieved value (the bridge entity, or the answer once
+                         the last hop is in), or the subject before any retrieval; else 0;
+      ACTION             10 if it targets the next needed hop (searches its entity) or, when every hop is
+                         retrieved, answers with the final value; else 0;
+      RISK_ANALYSIS      5: a rule cannot judge it, so it is neutral;
+      other tags         0: the toy format uses the four canonical tags.
+    A premature answer thus loses the HYPOTHESIS and ACTION points of its last turn, and a search for a
+    misspelt name loses the ACTION point, even when no F1 distinguishes them (the sparse-outcome regime).
+    """
+    hops, subject = metadata["hops"], metadata["subject"]
+    scored = []
+    for k, turn in enumerate(turns):
+        seen = tool_responses[:k]
+        got = [i for i, h in enumerate(hops)
+               if any(_names(r, h["search"]) and _names(r, h["value"]) for r in seen)]
+        n_done = 0
+        while n_done < len(hops) and n_done in got:   # hops count in chain order only
+            n_done += 1
+        focus = hops[n_done - 1]["value"] if n_done else subject
+        relevant = [subject] + [h["value"] for h in hops[:n_done]]
+        for atom in turn.atoms:
+            if atom.tag == "OBSERVATION":
+                score = 10 if _names(atom.text, focus) else 5 if any(_names(atom.text, e) for e in relevant) else 0
+                reason = f"observes {focus}" if score == 10 else f"does not name {focus}"
+            elif atom.tag == "HYPOTHESIS_TESTING":
+                score = 10 if _names(atom.text, focus) else 0
+                reason = f"holds {focus}" if score else f"misses {focus}"
+            elif atom.tag == "ACTION":
+                if n_done == len(hops):
+                    target, ok = hops[-1]["value"], turn.answer is not None and _names(atom.text, hops[-1]["value"])
+                else:
+                    target = hops[n_done]["search"]
+                    ok = turn.tool_call is not None and _names(atom.text, target)
+                score, reason = (10, f"acts on {target}") if ok else (0, f"should act on {target}")
+            elif atom.tag == "RISK_ANALYSIS":
+                score, reason = 5, "neutral: not judged by the oracle"
+            else:
+                score, reason = 0, f"unknown tag {atom.tag}"
+            scored.append((float(score), reason))
+    return scored
 
 
 def render_teacher_text(question: dict, turns: list[Turn]) -> str:
