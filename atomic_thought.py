@@ -291,6 +291,17 @@ def render_turn(turn: Turn) -> str:
     return out + f"<answer>{turn.answer}</answer>"
 
 
+def render_messages(system: str, question: str, turns: list[Turn], tool_responses: list[str]) -> list[dict]:
+    """The chat messages of an episode: system, user, then each turn with its tool response after it."""
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    responses = iter(tool_responses)
+    for turn in turns:
+        messages.append({"role": "assistant", "content": render_turn(turn)})
+        if turn.tool_call is not None:
+            messages.append({"role": "tool", "content": next(responses)})
+    return messages
+
+
 if __name__ == "__main__":
     print(SYSTEM_PROMPT, end="\n\n")
     example = make_turn([Atom("OBSERVATION", "The question asks where the author of Dune was born."),

@@ -44,7 +44,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from atomic_thought import Atom, ToolCall, Turn, make_turn, render_turn, system_prompt
+from atomic_thought import Atom, ToolCall, Turn, make_turn, render_messages, render_turn, system_prompt
 
 SYLLABLES = ("Ba Da Fe Gi Ka Lu Mo Ni Pa Ri Sa Tu Ve Zo Bi Du Fo Ga Ke Li "
              "Ma Nu Pe Ro Si Te Vu Za Bo De Fi Gu Ko Le Mi Ne Po Ru Se Ti").split()
@@ -71,6 +71,7 @@ CHAT_TEMPLATE = (
     "{%- endif -%}{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
 TOOLS = ("web_search",)  # the toy world offers search only: its passages have no web addresses to browse
+TOPK = 3                 # results per search (our choice: short tool responses for a tiny model)
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
@@ -383,12 +384,7 @@ def write_world(world: World, out_dir: str | os.PathLike, vocab_size: int = 1024
 
 def render_example(question: dict, turns: list[Turn], passages: list[str]) -> list[dict]:
     """The chat messages of a teacher trajectory, with `passages[i]` as the response to the i-th tool call."""
-    messages = [{"role": "system", "content": system_prompt(TOOLS)}, {"role": "user", "content": question["question"]}]
-    for i, turn in enumerate(turns):
-        messages.append({"role": "assistant", "content": render_turn(turn)})
-        if turn.tool_call is not None:
-            messages.append({"role": "tool", "content": passages[i]})
-    return messages
+    return render_messages(system_prompt(TOOLS), question["question"], turns, passages)
 
 
 def main() -> None:
