@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
                                    wrong_search_rate=args.wrong_search_rate, seed=args.world_seed)
         rows, counts = make_teacher_data(teacher, Tools(BM25Retriever(corpus), topk=tw.TOPK, tokenizer=tokenizer),
                                          questions, tokenizer=tokenizer, params=SamplingParams(),
-                                         system=tw.system_prompt(tw.TOOLS), tool_names=tw.TOOLS, min_f1=args.min_f1)
+                                         system=tw.SYSTEM, tool_names=tw.TOOLS, min_f1=args.min_f1)
         tw.write_jsonl(rows, args.out)
         print(f"wrote {len(rows)} trajectories to {args.out}: {counts}")
         return

@@ -44,7 +44,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from atomic_thought import Atom, ToolCall, Turn, make_turn, render_messages, render_turn, system_prompt
+from atomic_thought import Atom, ToolCall, Turn, make_turn, render_messages, render_turn
 
 SYLLABLES = ("Ba Da Fe Gi Ka Lu Mo Ni Pa Ri Sa Tu Ve Zo Bi Du Fo Ga Ke Li "
              "Ma Nu Pe Ro Si Te Vu Za Bo De Fi Gu Ko Le Mi Ne Po Ru Se Ti").split()
@@ -71,6 +71,10 @@ CHAT_TEMPLATE = (
     "{%- endif -%}{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
 TOOLS = ("web_search",)  # the toy world offers search only: its passages have no web addresses to browse
+# The toy system prompt (our choice): a tiny model cannot read JSON schemas, and the paper's prompt says nothing
+# about atoms either (the format comes from SFT). Short, because every prompt token is paid for in every rollout.
+SYSTEM = ("Answer the question by searching. In each turn, reason in <think>, then either call web_search in "
+          "<tool_call> or give a short answer in <answer>.")
 TOPK = 3                 # results per search (our choice: short tool responses for a tiny model)
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -192,47 +196,45 @@ def teacher_turns(question: dict, rng: random.Random, premature_rate: float = 0.
     """
     meta = question["metadata"]
     hops, subject = meta["hops"], meta["subject"]
-    goal = question["question"].rstrip("?")
     turns = []
 
     def search_turn(observation: str, hypothesis: str, risk: str, query: str) -> Turn:
         return make_turn([Atom("OBSERVATION", observation), Atom("HYPOTHESIS_TESTING", hypothesis),
-                          Atom("RISK_ANALYSIS", risk), Atom("ACTION", f"Search for {query}.")],
+                          Atom("RISK_ANALYSIS", risk), Atom("ACTION", f"Search {query}.")],
                          tool_call=ToolCall("web_search", {"query": query}))
 
     if rng.random() < wrong_search_rate:
         syllables = subject.split()
         syllables[-1] = rng.choice([s for s in SYLLABLES if s not in syllables])
         wrong = " ".join(syllables)
-        turns.append(search_turn(f"The question is: {goal}.", f"First I need facts about {wrong}.",
-                                 "Names here are similar, so the full name must match.", wrong))
-        turns.append(search_turn(f"The results are about {wrong}, not {subject}.",
-                                 f"I searched the wrong name; I need {subject}.",
-                                 "Names here are similar, so the full name must match.", subject))
+        turns.append(search_turn(f"The question is about {subject}.", f"I need facts about {wrong}.",
+                                 "Similar names exist.", wrong))
+        turns.append(search_turn(f"The results are about {wrong}, not {subject}.", f"I need facts about {subject}.",
+                                 "Similar names exist.", subject))
     else:
-        turns.append(search_turn(f"The question is: {goal}.", f"First I need facts about {subject}.",
-                                 "Names here are similar, so the full name must match.", subject))
+        turns.append(search_turn(f"The question is about {subject}.", f"I need facts about {subject}.",
+                                 "Similar names exist.", subject))
     for i, hop in enumerate(hops):
-        observation = f"The results say the {hop['relation']} of {hop['search']} is {hop['value']}."
+        observation = f"The {hop['relation']} of {hop['search']} is {hop['value']}."
         if i < len(hops) - 1 and rng.random() < premature_rate:
             # Flaw: stop one hop early and answer with the tempting value at hand (metadata "trap").
             trap = meta["trap"]
             if meta["type"] == "mentor_city":
-                observation = f"The results say the birth city of {subject} is {trap}."
+                observation = f"The birth city of {subject} is {trap}."
             turns.append(make_turn([Atom("OBSERVATION", observation),
                                     Atom("HYPOTHESIS_TESTING", f"The answer is {trap}."),
-                                    Atom("RISK_ANALYSIS", "This answer was not checked with another search."),
+                                    Atom("RISK_ANALYSIS", "Not checked further."),
                                     Atom("ACTION", f"Answer {trap}.")], answer=trap))
             return turns
         if i == len(hops) - 1:
             turns.append(make_turn([Atom("OBSERVATION", observation),
                                     Atom("HYPOTHESIS_TESTING", f"The answer is {hop['value']}."),
-                                    Atom("RISK_ANALYSIS", f"The evidence names {hop['search']} exactly."),
+                                    Atom("RISK_ANALYSIS", f"The evidence names {hop['search']}."),
                                     Atom("ACTION", f"Answer {hop['value']}.")], answer=hop["value"]))
         else:
             nxt = hops[i + 1]
-            turns.append(search_turn(observation, f"Now I need the {nxt['relation']} of {nxt['search']}.",
-                                     f"The {hop['relation']} {hop['value']} must be searched exactly.", nxt["search"]))
+            turns.append(search_turn(observation, f"I need the {nxt['relation']} of {nxt['search']}.",
+                                     f"{hop['value']} must be exact.", nxt["search"]))
     return turns
 
 
@@ -294,7 +296,7 @@ def oracle_atom_scores(turns: list[Turn], tool_responses: list[str], metadata: d
 
 def render_teacher_text(question: dict, turns: list[Turn]) -> str:
     """Plain text of a teacher trajectory (tool responses left out): tokenizer training text and samples."""
-    return "\n".join([system_prompt(TOOLS), question["question"]] + [render_turn(t) for t in turns])
+    return "\n".join([SYSTEM, question["question"]] + [render_turn(t) for t in turns])
 
 
 # ----------------------------------------------------------------------------- tokenizer and tiny model
@@ -384,7 +386,7 @@ def write_world(world: World, out_dir: str | os.PathLike, vocab_size: int = 1024
 
 def render_example(question: dict, turns: list[Turn], passages: list[str]) -> list[dict]:
     """The chat messages of a teacher trajectory, with `passages[i]` as the response to the i-th tool call."""
-    return render_messages(system_prompt(TOOLS), question["question"], turns, passages)
+    return render_messages(SYSTEM, question["question"], turns, passages)
 
 
 def main() -> None:

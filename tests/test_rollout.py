@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import toy_world as tw
-from atomic_thought import THINK_PREFIX, render_turn
+from atomic_thought import THINK_PREFIX, render_messages, render_turn, system_prompt
 from engine import Completion, HFEngine, SamplingParams
 from retrievers import BM25Retriever, SearchError
 from search_env import Tools, TurnGlue, rollout, show_mask
@@ -63,17 +63,6 @@ def assistant_runs(t):
     return runs + ([run] if run else [])
 
 
-def conversation(t, system):
-    """The chat messages a trajectory stands for, rebuilt from its parsed turns and tool responses."""
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": t.question}]
-    responses = iter(t.tool_responses)
-    for turn in t.turns:
-        messages.append({"role": "assistant", "content": render_turn(turn)})
-        if turn.tool_call is not None:
-            messages.append({"role": "tool", "content": next(responses)})
-    return messages
-
-
 def test_mask_invariants_on_teacher_driven_rollouts(world, tokenizer, tools):
     questions = world.splits["test"][:9]
     engine = ScriptedEngine(tokenizer, questions)
@@ -85,7 +74,8 @@ def test_mask_invariants_on_teacher_driven_rollouts(world, tokenizer, tools):
         assert t.finish == "answer" and t.answer == t.golden_answers[0]
         assert len(t.ids) == len(t.mask) == len(t.logprobs)
         # decode(prompt_ids + ids) is exactly the chat-template rendering of the conversation.
-        rendered = tokenizer.apply_chat_template(conversation(t, tw.system_prompt(tw.TOOLS)), tokenize=False)
+        messages = render_messages(system_prompt(tw.TOOLS), t.question, t.turns, t.tool_responses)
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False)
         assert tokenizer.decode(t.prompt_ids + t.ids) == rendered == t.text
         # Every token inside a tool response is masked.
         inside = False

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import toy_world as tw
+from atomic_thought import system_prompt
 from engine import SamplingParams
 from retrievers import BM25Retriever
 from search_env import Tools, rollout
@@ -30,7 +31,7 @@ def teacher_rows(env, n=24, **flaws):
     teacher = ToyTeacherEngine(tokenizer, questions, premature_rate=flaws.get("premature_rate", 0.0),
                                wrong_search_rate=flaws.get("wrong_search_rate", 0.0))
     return make_teacher_data(teacher, tools, questions, tokenizer=tokenizer, params=SamplingParams(),
-                             system=tw.system_prompt(tw.TOOLS), tool_names=tw.TOOLS,
+                             system=system_prompt(tw.TOOLS), tool_names=tw.TOOLS,
                              min_f1=flaws.get("min_f1", 0.0))
 
 
@@ -134,7 +135,7 @@ def test_chat_teacher_turns_a_chat_endpoint_into_teacher_trajectories(env):
     try:
         teacher = ChatTeacherEngine(f"http://127.0.0.1:{server.server_address[1]}", "teacher", tokenizer)
         rows, counts = make_teacher_data(teacher, tools, [q], tokenizer=tokenizer, params=SamplingParams(),
-                                         system=tw.system_prompt(tw.TOOLS), tool_names=tw.TOOLS, min_f1=1.0)
+                                         system=system_prompt(tw.TOOLS), tool_names=tw.TOOLS, min_f1=1.0)
     finally:
         server.shutdown()
     assert counts["kept"] == 1 and rows[0]["f1"] == 1.0, counts
