@@ -100,7 +100,7 @@ class HFEngine:
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
             do_sample=not greedy, temperature=None if greedy else params.temperature,
             top_p=None if greedy else params.top_p, top_k=None, max_new_tokens=params.max_new_tokens,
-            stop_strings=list(params.stop), tokenizer=self.tokenizer, eos_token_id=sorted(self.eos_ids),
+            stop_strings=list(params.stop) or None, tokenizer=self.tokenizer, eos_token_id=sorted(self.eos_ids),
             pad_token_id=self.pad_id, output_logits=True, return_dict_in_generate=True)
         if generator_state is not None:
             torch.random.set_rng_state(generator_state)

@@ -1,0 +1,236 @@
+"""How an evaluation is shown: the paper's Table 1 with our row, and one HTML page of every trajectory.
+
+evaluate.py computes; this file only presents what it wrote (metrics.json and the trajectory records):
+- `markdown_table1`: F1 ×100 laid out as Table 1 of the paper (PAPER.md §5) - the seven benchmarks as columns,
+  our row, then the paper's Atom-Searcher and DeepResearcher rows for reference (printed only when one of the
+  seven was evaluated); any other benchmark gets its own column. `markdown_stats`: one row per benchmark with
+  the test-time statistics the paper compares (tokens, think tokens, atoms per turn, tool calls) and counts.
+- `render_report` / `write_report`: report.html, ONE self-contained file (inline CSS and JS, no external asset,
+  works offline): the two tables, then every trajectory as a collapsible block - its atomic thoughts as tagged
+  blocks coloured by the RRM's 0-10 score when there is one (red 0 -> green 10), each tool call, each tool
+  response shaded as the masked part (mask 0: the environment's text, never trained on; the tool call itself
+  is the policy's own, trained text), the turn the parser rejected when there is one, and the answer against
+  the golden answers with F1, EM and the judge's verdict. Filters: benchmark, outcome (correct = EM 1,
+  partial = 0 < F1, wrong = F1 0) and finish reason; they also read and write the URL's #fragment
+  (`report.html#benchmark=nq&finish=length`), so a filtered view can be shared.
+
+Safety: every string from the model, a web page, a judge or a data file is untrusted. All of it goes through
+`html.escape` (text and attribute values); the only data inside a <script> is the metrics JSON, written by
+`script_json`, which escapes `<`, `>` and `&` so no `</script>` or `<!--` in it can end the element. The JS reads
+only data-* attributes and never builds HTML from strings.
+
+Size: the page holds the full tool responses (already cut to the tools' token budget), so a full 7 × 512-question
+evaluation gives tens of MB; trajectories start collapsed. Regenerate with `python report.py DIR`.
+"""
+from __future__ import annotations
+
+import html
+import json
+import sys
+from pathlib import Path
+
+# Table 1 of the paper (F1 ×100, PAPER.md §5): column headers, and the rows printed beside ours.
+COLUMNS = {"nq": "NQ", "triviaqa": "TQ", "hotpotqa": "HotpotQA", "2wikimultihopqa": "2Wiki", "musique": "MuSiQue",
+           "bamboogle": "Bamboogle", "popqa": "PopQA"}
+PAPER_ROWS = {
+    "Atom-Searcher (paper)": {"nq": 44.0, "triviaqa": 81.8, "hotpotqa": 57.3, "2wikimultihopqa": 66.9,
+                              "musique": 27.6, "bamboogle": 70.7, "popqa": 50.3},
+    "DeepResearcher (paper)": {"nq": 39.6, "triviaqa": 78.4, "hotpotqa": 52.8, "2wikimultihopqa": 59.7,
+                               "musique": 27.1, "bamboogle": 71.0, "popqa": 48.5},
+}
+TAG_COLORS = {"OBSERVATION": "#2b6cb0", "HYPOTHESIS_TESTING": "#6b46c1", "RISK_ANALYSIS": "#c05621",
+              "ACTION": "#2f855a"}   # the left border of an atom block names its tag at a glance
+
+
+def _num(value, fmt: str = ".1f") -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def table1_rows(per_benchmark: dict[str, dict], label: str = "ours") -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of Table 1: F1 ×100 per benchmark, our row first."""
+    paper = any(name in COLUMNS for name in per_benchmark)
+    names = (list(COLUMNS) if paper else []) + [n for n in per_benchmark if n not in COLUMNS]
+    ours = [_num(100 * per_benchmark[n]["f1"]) if per_benchmark.get(n, {}).get("n") else "–" for n in names]
+    rows = [[label] + ours] + ([[method] + [_num(scores.get(n)) for n in names]
+                                for method, scores in PAPER_ROWS.items()] if paper else [])
+    return ["method"] + [COLUMNS.get(n, n) for n in names], rows
+
+
+def stats_rows(per_benchmark: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): one row per benchmark with the scores, test-time statistics and data counts."""
+    header = ["benchmark", "n", "F1", "EM", "judge acc", "response tok", "think tok", "atoms/turn", "tool calls",
+              "turns", "finish", "bad rows"]
+    rows = []
+    for name, m in per_benchmark.items():
+        pct = lambda key: _num(100 * m[key]) if m.get(key) is not None else "–"   # noqa: E731
+        finish = ", ".join(f"{k} {v}" for k, v in sorted(m.get("finish", {}).items()))
+        rows.append([name, str(m.get("n", 0)), pct("f1"), pct("em"), pct("judge_accuracy"),
+                     _num(m.get("response_tokens")), _num(m.get("think_tokens")), _num(m.get("atoms_per_turn"), ".2f"),
+                     _num(m.get("tool_calls"), ".2f"), _num(m.get("turns"), ".2f"), finish or "–",
+                     str(m.get("bad_rows", 0))])
+    return header, rows
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = [header, ["---"] * len(header)] + rows
+    return "\n".join("| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in lines)
+
+
+def markdown_table1(per_benchmark: dict[str, dict], label: str = "ours") -> str:
+    return _markdown(*table1_rows(per_benchmark, label))
+
+
+def markdown_stats(per_benchmark: dict[str, dict]) -> str:
+    return _markdown(*stats_rows(per_benchmark))
+
+
+# ----------------------------------------------------------------------------- HTML
+def esc(value) -> str:
+    """Text or attribute value -> HTML (quotes escaped too, so it is safe inside attribute="...")."""
+    return html.escape(str(value), quote=True)
+
+
+def script_json(obj) -> str:
+    """JSON that is safe inside <script>: `<`, `>` and `&` as \\u escapes, which JSON.parse reads back."""
+    return (json.dumps(obj, ensure_ascii=False).replace("&", "\\u0026").replace("<", "\\u003c")
+            .replace(">", "\\u003e").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def outcome(record: dict) -> str:
+    return "correct" if record.get("em") == 1 else "partial" if record.get("f1", 0) > 0 else "wrong"
+
+
+def _atom_html(atom: dict) -> str:
+    score, color = atom.get("score"), TAG_COLORS.get(atom["tag"], "#718096")
+    style = f"border-left-color:{color}"
+    if isinstance(score, (int, float)):
+        style += f";background:hsl({12 * score:.0f},70%,86%)"   # hue 0 (red) at score 0 -> 120 (green) at 10
+    reason = esc(atom.get("reason", ""))
+    badge = f'<span class="score" title="{reason}">{esc(_num(score, "g"))}</span>' if score is not None else ""
+    return (f'<div class="atom" style="{style}"><span class="tag" style="color:{color}">{esc(atom["tag"])}</span>'
+            f'{badge}<div class="text">{esc(atom["text"])}</div></div>')
+
+
+def _turn_html(k: int, turn: dict) -> str:
+    parts = [f'<div class="turn"><div class="turn-h">turn {k}</div>']
+    if turn.get("atoms"):
+        parts += [_atom_html(a) for a in turn["atoms"]]
+    elif turn.get("think"):
+        parts.append(f'<div class="think">{esc(turn["think"])}</div>')   # a think block without atoms
+    call = turn.get("tool_call")
+    if call:
+        args = json.dumps(call.get("arguments"), ensure_ascii=False)
+        parts.append(f'<div class="call"><b>tool call</b> {esc(call.get("name"))} <code>{esc(args)}</code></div>')
+        parts.append('<div class="masked"><div class="lbl">tool response (masked: not trained)</div>'
+                     f'<pre>{esc(turn.get("tool_response") or "")}</pre></div>')
+    if turn.get("answer") is not None:
+        parts.append(f'<div class="call"><b>answer</b> {esc(turn["answer"])}</div>')
+    return "".join(parts) + "</div>"
+
+
+def _trajectory_html(r: dict) -> str:
+    verdict = f' · judge: {esc(r["judge"])}' if r.get("judge") else ""
+    atr = f' · ATR {r["atr"]:.2f}' if isinstance(r.get("atr"), (int, float)) else ""
+    turns = "".join(_turn_html(k, t) for k, t in enumerate(r.get("turns", []), start=1))
+    if r.get("unparsed_turn") is not None:
+        why, text = esc(r.get("format_error") or r.get("finish")), esc(r["unparsed_turn"])
+        turns += f'<div class="turn bad"><div class="turn-h">rejected turn: {why}</div><pre>{text}</pre></div>'
+    golden = " | ".join(r.get("golden_answers", []))
+    answer = "(no answer)" if r.get("answer") is None else r["answer"]
+    return (f'<details class="traj {outcome(r)}" data-benchmark="{esc(r.get("benchmark"))}" '
+            f'data-outcome="{outcome(r)}" data-finish="{esc(r.get("finish"))}">'
+            f'<summary><span class="badge">{esc(r.get("benchmark"))}</span> {esc(r.get("question"))} '
+            f'<span class="res">F1 {r.get("f1", 0):.2f} · {esc(r.get("finish"))}</span></summary>'
+            f'{turns}<div class="final"><b>answer</b> {esc(answer)} <b>golden</b> {esc(golden)} '
+            f'· F1 {r.get("f1", 0):.2f} · EM {r.get("em", 0):.0f}{verdict}{atr} · {r.get("tool_calls", 0)} '
+            f'tool calls · {r.get("response_tokens", 0)} response tokens ({r.get("think_tokens", 0)} think)'
+            '</div></details>')
+
+
+def _select(name: str, values: list[str]) -> str:
+    options = "".join(f'<option value="{esc(v)}">{esc(v)}</option>' for v in values)
+    return f'<label>{name} <select id="f-{name}"><option value="">all</option>{options}</select></label>'
+
+
+CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#1a202c;background:#fff}
+table{border-collapse:collapse;margin:8px 0 20px}th,td{border:1px solid #cbd5e0;padding:3px 8px;text-align:right}
+th:first-child,td:first-child{text-align:left}th{background:#edf2f7}td{white-space:nowrap}
+#filters{position:sticky;top:0;background:#fff;padding:8px 0;border-bottom:1px solid #cbd5e0}
+#filters label{margin-right:14px}.traj{border:1px solid #cbd5e0;border-radius:6px;margin:6px 0;padding:4px 10px}
+.traj.correct{border-left:5px solid #38a169}.traj.partial{border-left:5px solid #d69e2e}
+.traj.wrong{border-left:5px solid #e53e3e}summary{cursor:pointer}.res{color:#4a5568;float:right}
+.badge{background:#2d3748;color:#fff;border-radius:4px;padding:0 6px;font-size:12px}
+.turn{margin:8px 0 8px 12px}.turn-h{font-weight:600;color:#4a5568}
+.atom{border-left:4px solid;background:#f7fafc;margin:3px 0;padding:3px 8px;border-radius:3px}
+.tag{font:600 11px monospace;margin-right:8px}.score{font:600 11px monospace;background:#fff;border-radius:8px;
+padding:0 6px}.text,.think{white-space:pre-wrap}.call{margin:4px 0;font-family:monospace}
+.masked{background:repeating-linear-gradient(45deg,#edf2f7,#edf2f7 8px,#e2e8f0 8px,#e2e8f0 16px);color:#4a5568;
+padding:4px 8px;border-radius:3px}.lbl{font-size:11px;font-weight:600}
+pre{white-space:pre-wrap;margin:2px 0;font-size:12px}.bad{background:#fff5f5;padding:4px 8px}
+.final{margin:8px 0;padding:4px 8px;background:#f0fff4}"""
+
+JS = """(function () {
+  var keys = ['benchmark', 'outcome', 'finish'], sel = {};
+  keys.forEach(function (k) { sel[k] = document.getElementById('f-' + k); });
+  var items = document.querySelectorAll('.traj'), count = document.getElementById('count');
+  function apply() {
+    var shown = 0;
+    items.forEach(function (el) {
+      var ok = keys.every(function (k) { return !sel[k].value || el.dataset[k] === sel[k].value; });
+      el.hidden = !ok;
+      if (ok) shown++;
+    });
+    count.textContent = 'showing ' + shown + ' of ' + items.length;
+    var parts = keys.filter(function (k) { return sel[k].value; })
+      .map(function (k) { return k + '=' + encodeURIComponent(sel[k].value); });
+    history.replaceState(null, '', '#' + parts.join('&'));
+  }
+  location.hash.slice(1).split('&').forEach(function (kv) {
+    var i = kv.indexOf('='), k = kv.slice(0, i);
+    if (i > 0 && sel[k]) sel[k].value = decodeURIComponent(kv.slice(i + 1));
+  });
+  keys.forEach(function (k) { sel[k].addEventListener('change', apply); });
+  apply();
+})();"""
+
+
+def render_report(metrics: dict, records: list[dict]) -> str:
+    """The whole report.html as a string (pure: metrics.json's dict and the trajectory records in)."""
+    per_benchmark = metrics.get("benchmarks", {})
+    config = metrics.get("config", {})
+    meta = " · ".join(f"{k}: {config[k]}" for k in ("model", "retriever", "seed", "max_turns", "max_new_tokens")
+                      if k in config)
+    filters = (_select("benchmark", list(dict.fromkeys(r.get("benchmark") for r in records)))
+               + _select("outcome", ["correct", "partial", "wrong"])
+               + _select("finish", sorted({str(r.get("finish")) for r in records})) + '<span id="count"></span>')
+    legend = ('<p>Atomic thoughts are coloured by the RRM score when judged (<span style="background:'
+              'hsl(0,70%,86%)">0</span> → <span style="background:hsl(120,70%,86%)">10</span>); the hatched '
+              'blocks are tool responses, the masked part of a trajectory.</p>')
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Atom-Searcher evaluation</title>"
+            f"<style>{CSS}</style></head><body><h1>Evaluation report</h1><p>{esc(meta)}</p>"
+            f"<h2>Table 1 (F1 ×100)</h2>{_html_table(*table1_rows(per_benchmark))}"
+            f"<h2>Per benchmark</h2>{_html_table(*stats_rows(per_benchmark))}"
+            f"<h2>Trajectories</h2>{legend}<div id=\"filters\">{filters}</div><div id=\"trajs\">"
+            + "".join(_trajectory_html(r) for r in records)
+            + f'</div><script type="application/json" id="metrics">{script_json(metrics)}</script>'
+            f"<script>{JS}</script></body></html>\n")
+
+
+def write_report(path: str | Path, metrics: dict, records: list[dict]) -> None:
+    Path(path).write_text(render_report(metrics, records), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python report.py DIR   (DIR holds metrics.json and trajectories.jsonl from evaluate.py)")
+    run = Path(sys.argv[1])
+    with open(run / "trajectories.jsonl", encoding="utf-8") as f:
+        trajectories = [json.loads(line) for line in f if line.strip()]
+    write_report(run / "report.html", json.loads((run / "metrics.json").read_text()), trajectories)
+    print(f"wrote {run / 'report.html'}")
