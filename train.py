@@ -1,0 +1,567 @@
+"""Train an Atom-Searcher agent: atomic-thought SFT, then loss-masked GRPO on the curriculum-blended reward.
+
+The whole pipeline of the paper (arXiv 2508.12800; PAPER.md §1, §4) in one loop, read top to bottom:
+    SFT on teacher trajectories (sft.py)  ->  for step t:  rollout G answers per question (search_env.py)
+      ->  R = -1 if malformed, else α(t)·ATR + (1-α(t))·F1   (rrm_reward.py, curriculum.py, evaluate.py)
+      ->  A = (R - mean_G R) / (std_G R + 1e-6)  ->  one loss-masked GRPO step (grpo.py)  ->  sync the engine
+
+Run it:
+    python train.py                                   # CPU, a few minutes: toy world -> SFT -> GRPO -> test F1
+    python train.py --reward outcome                  # the same with F1 only (alpha0 = 0): the paper's ablation
+    torchrun --nproc_per_node=8 train.py --model Qwen/Qwen2.5-7B-Instruct --data train.jsonl \\
+        --sft-data sft.jsonl --retriever http://host:8000 --rrm-url http://judge:8001 --rrm-model Qwen/Qwen3-30B-A3B
+With no --model the embedded default runs: the toy world (toy_world.py) with its tiny Qwen2, scripted-teacher SFT
+data, the toy oracle as judge (rrm_reward.ToyOracleRRM) and the toy presets below; with --model the paper's
+values (PAPER.md §4) are the defaults. Every flag overrides either.
+
+Distributed (training_design.md §2): one process per GPU; FSDP2 (`fully_shard` per decoder layer, bf16 params,
+fp32 gradient reduction, activation checkpointing); a colocated VLLMEngine per rank whose weights are pushed
+from the trainer before every rollout; each rank rolls out whole prompt groups, so advantages need no
+communication; the mask-token count of the step is all-reduced once; micro-batch counts are equalized across
+ranks; metrics are all-reduced and rank 0 logs and saves. On CPU (gloo) the ranks keep full models and sum
+their gradients by hand (FSDP2 on gloo does not average correctly, pytorch#162338).
+
+Our choices where the paper is silent, each a flag: toy presets; TIS on; KL only when --kl-beta > 0 (then a
+frozen reference model is kept); groups whose rewards are all equal are dropped from the update.
+Not covered: multi-node HSDP meshes (torchrun's rendezvous works, sharding spans all ranks), vLLM sleep mode.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from curriculum import SCHEDULES, alpha, blend
+from engine import HFEngine, SamplingParams
+from evaluate import f1_score
+from grpo import group_advantages, grpo_loss, nonzero_groups, token_logprobs
+from search_env import Tools, rollout, show_mask
+from sft import collate, render_conversation, train_sft
+
+# The paper's recipe (PAPER.md §4, DeepResearcher's) for real models, and ours for the CPU toy run.
+PAPER = dict(sft_steps=1000, sft_lr=1e-5, sft_batch=64, grpo_steps=300, lr=1e-6, prompts_per_step=256,
+             group_size=16, max_turns=10, max_new_tokens=2000, max_context=32768, temperature=1.0, kl_beta=0.001,
+             micro_batch_tokens=8192, eval_limit=512, save_every=50)
+TOY = dict(sft_steps=250, sft_lr=3e-3, sft_batch=16, grpo_steps=40, lr=3e-4, prompts_per_step=8, group_size=8,
+           max_turns=4, max_new_tokens=96, max_context=1024, temperature=1.0, kl_beta=0.0,
+           micro_batch_tokens=8192, eval_limit=600, save_every=20)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # what to train, on what
+    p.add_argument("--model", default=None, help="HF model path or name; omit for the toy world's tiny model")
+    p.add_argument("--data", default=None, help="training questions: jsonl path(s) or a hub mix (qa_data.py)")
+    p.add_argument("--sft-data", default=None, help="SFT jsonl (sft.py make-data); toy: generated in memory")
+    p.add_argument("--stage", choices=("sft", "grpo", "all"), default="all", help="which stages to run")
+    p.add_argument("--out", default=None, help="output folder (default runs/<time>)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this many GRPO steps in this invocation (time-limited jobs; then --resume)")
+    p.add_argument("--seed", type=int, default=0, help="seed of world, data order and sampling (offset by rank)")
+    # environment
+    p.add_argument("--retriever", default=None, help="bm25:CORPUS | http(s)://retrieval-server | serper")
+    p.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto", help="rollout engine")
+    p.add_argument("--max-turns", type=int, help="turns per episode (paper: 10)")
+    p.add_argument("--max-new-tokens", type=int, help="new tokens per turn (paper: 2000)")
+    p.add_argument("--max-context", type=int, help="tokens per trajectory (paper: 32k)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (paper: 1.0)")
+    # reward
+    p.add_argument("--reward", choices=("blend", "outcome"), default="blend",
+                   help="blend: α(t)·ATR + (1-α(t))·F1 (paper); outcome: F1 only (α0 = 0)")
+    p.add_argument("--alpha0", type=float, default=0.5, help="initial ATR weight α0 (our default, PAPER.md §3)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="linear", help="how α decays over the GRPO steps")
+    p.add_argument("--rrm-url", default=None, help="OpenAI-compatible judge endpoint (real runs)")
+    p.add_argument("--rrm-model", default="Qwen/Qwen3-30B-A3B", help="judge model name at --rrm-url")
+    # optimization
+    p.add_argument("--sft-steps", type=int, help="SFT optimizer steps")
+    p.add_argument("--sft-lr", type=float, help="SFT learning rate")
+    p.add_argument("--sft-batch", type=int, help="SFT examples per step per rank")
+    p.add_argument("--grpo-steps", type=int, help="GRPO steps (T of the schedule)")
+    p.add_argument("--lr", type=float, help="GRPO learning rate (paper: 1e-6, constant)")
+    p.add_argument("--prompts-per-step", type=int, help="questions per GRPO step, all ranks (paper: 256)")
+    p.add_argument("--group-size", type=int, help="answers per question, G (paper: 16)")
+    p.add_argument("--kl-beta", type=float, help="k3 KL weight to the SFT model (paper: 0.001; 0 = no ref model)")
+    p.add_argument("--micro-batch-tokens", type=int, help="padded tokens per forward/backward")
+    p.add_argument("--no-loss-mask", action="store_true", help="ablation: train on tool-response tokens too")
+    p.add_argument("--keep-zero-adv", action="store_true", help="keep groups whose rewards are all equal")
+    # evaluation and logging
+    p.add_argument("--eval-limit", type=int, help="toy test questions to evaluate before/after GRPO")
+    p.add_argument("--save-every", type=int, help="checkpoint every N GRPO steps")
+    p.add_argument("--wandb", default=None, help="wandb project name (optional, imported lazily)")
+    args = p.parse_args(argv)
+    preset = TOY if args.model is None else PAPER
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.reward == "outcome":
+        args.alpha0 = 0.0
+    args.out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    return args
+
+
+# ----------------------------------------------------------------------------- distributed (thin, optional)
+class Dist:
+    """Rank, world size, device and the two collectives the loop needs. `python` = one rank."""
+
+    def __init__(self):
+        self.on = "RANK" in os.environ
+        self.cuda = torch.cuda.is_available()
+        if self.on:
+            dist.init_process_group("cuda:nccl,cpu:gloo" if self.cuda else "gloo")
+        self.rank = dist.get_rank() if self.on else 0
+        self.world = dist.get_world_size() if self.on else 1
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = torch.device(f"cuda:{local}" if self.cuda else "cpu")
+        if self.cuda:
+            torch.cuda.set_device(self.device)
+
+    def sum(self, value: float) -> float:
+        if not self.on:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.item()
+
+    def max(self, value: int) -> int:
+        if not self.on:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+
+def prepare_model(model, d: Dist):
+    """FSDP2 on GPUs (per decoder layer, then the root); a plain model on CPU or a single process."""
+    if d.on and d.cuda:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for layer in model.model.layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+    return model.to(d.device)
+
+
+def reduce_gradients(model, d: Dist) -> None:
+    """CPU multi-rank: sum gradients across ranks by hand (the loss is already a global token-mean)."""
+    if d.on and not d.cuda:
+        for p in model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+
+
+def named_full_tensors(model):
+    """(name, full bf16 tensor) pairs for the engine: gathers FSDP2 shards one parameter at a time."""
+    for name, p in model.named_parameters():
+        t = p.detach()
+        yield name, (t.full_tensor() if hasattr(t, "full_tensor") else t).to(torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- setup
+def fail(flag: str, message: str) -> None:
+    """A startup check failed: one clear line naming the flag to fix, before any expensive work."""
+    raise SystemExit(f"error: {flag}: {message}")
+
+
+def setup_toy(args, d: Dist):
+    """The embedded default: toy world, tokenizer, tiny model, BM25 over its corpus, oracle judge."""
+    import toy_world as tw
+    from retrievers import BM25Retriever
+    from rrm_reward import ToyOracleRRM
+    world = tw.build_world(args.seed)
+    tokenizer = tw.build_tokenizer(world)
+    model = tw.build_tiny_model(tokenizer, seed=args.seed)
+    corpus = tw.DEFAULT_DATA_DIR / f"toy-{world.key()}" / "corpus.jsonl"
+    if d.rank == 0 and not corpus.exists():
+        tw.write_jsonl(world.corpus, corpus)
+    if d.on:
+        dist.barrier()
+    tools = Tools(BM25Retriever(corpus), topk=tw.TOPK, tokenizer=tokenizer)
+    return dict(world=world, tokenizer=tokenizer, model=model, tools=tools, rrm=ToyOracleRRM(), system=tw.SYSTEM,
+                tool_names=tw.TOOLS, train=world.splits["train"], test=world.splits["test"][:args.eval_limit])
+
+
+def toy_sft_examples(env, args):
+    """Scripted-teacher trajectories on the toy train split, through the real environment (sft.py)."""
+    from sft import ToyTeacherEngine, make_teacher_data
+    questions = env["train"][:1500]
+    teacher = ToyTeacherEngine(env["tokenizer"], questions, premature_rate=0.6, wrong_search_rate=0.1, seed=args.seed)
+    rows, counts = make_teacher_data(teacher, env["tools"], questions, tokenizer=env["tokenizer"],
+                                     params=SamplingParams(), system=env["system"], tool_names=env["tool_names"])
+    return rows, counts
+
+
+def setup_real(args, d: Dist):
+    """A real model, questions, retriever and judge; every failure names its flag before any expensive work."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from atomic_thought import system_prompt
+    from qa_data import load_questions
+    from rrm_reward import HTTPJudgeRRM
+    engine = None
+    if args.engine == "vllm" or (args.engine == "auto" and d.cuda):
+        from engine import VLLMEngine   # built first: before FSDP allocates, and before bm25s is imported
+        engine = VLLMEngine(args.model, dtype="bfloat16", max_model_len=args.max_context, seed=args.seed + d.rank)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        fail("--model", f"cannot load {args.model!r}: {e}")
+    if not args.data and args.stage != "sft":
+        fail("--data", "training questions are required with --model (jsonl path(s) or a hub mix)")
+    try:
+        train = load_questions(args.data, seed=args.seed) if args.data else []
+    except (OSError, ValueError) as e:
+        fail("--data", str(e))
+    from evaluate import make_retriever
+    if not args.retriever:
+        fail("--retriever", "a retriever is required with --model: bm25:CORPUS, a retrieval-server URL, or serper")
+    try:
+        retriever, tool_names = make_retriever(args.retriever)   # web_search alone, or + browse_webpage for serper
+        retriever.search(["probe"], 1)
+    except Exception as e:   # any failure of the probe is reported here, not raised mid-training
+        fail("--retriever", f"{args.retriever} does not answer a probe search: {e}")
+    rrm = None
+    if args.alpha0 > 0:
+        if not args.rrm_url:
+            fail("--rrm-url", "the blended reward needs a judge endpoint (or use --reward outcome)")
+        import requests
+        try:   # the judge must answer before any expensive work starts
+            requests.get(args.rrm_url.rstrip("/").removesuffix("/v1") + "/v1/models", timeout=10).raise_for_status()
+        except requests.RequestException as e:
+            fail("--rrm-url", f"{args.rrm_url} does not answer GET /v1/models: {type(e).__name__}")
+        rrm = HTTPJudgeRRM(args.rrm_url, args.rrm_model)
+    return dict(tokenizer=tokenizer, model=model, engine=engine, tools=Tools(retriever, tokenizer=tokenizer),
+                rrm=rrm, system=system_prompt(tool_names), tool_names=tool_names, train=train, test=[])
+
+
+def real_sft_examples(args, tokenizer):
+    from sft import load_examples
+    if not args.sft_data:
+        fail("--sft-data", "SFT needs teacher trajectories (python sft.py make-data ..., or a chat teacher)")
+    try:
+        return load_examples(args.sft_data, tokenizer)
+    except (OSError, ValueError) as e:
+        fail("--sft-data", str(e))
+
+
+# ----------------------------------------------------------------------------- one GRPO step
+def rewards_of(trajs, rrm, alpha_t: float) -> tuple[list[float], dict]:
+    """R_i = -1 if malformed, else α(t)·ATR_i + (1 - α(t))·F1_i (PAPER.md §3), with its components."""
+    f1 = [f1_score(t.answer, t.golden_answers) if t.format_ok else 0.0 for t in trajs]
+    atrs = rrm.score(trajs) if alpha_t > 0 and rrm is not None else [None] * len(trajs)
+    atr = [a.value if a is not None and a.value is not None else None for a in atrs]
+    rewards = [blend(f, a, t.format_ok, alpha_t) for f, a, t in zip(f1, atr, trajs)]
+    ok = [t.format_ok for t in trajs]
+    judged = [a for a in atr if a is not None]
+    return rewards, {"format_ok": sum(ok) / len(trajs), "f1": sum(f1) / len(trajs),
+                     "atr": sum(judged) / len(judged) if judged else float("nan"),
+                     "judge_fallbacks": sum(bool(a and a.fallback) for a in atrs), "reward": sum(rewards) / len(trajs)}
+
+
+def micro_batches(rows: list, budget: int) -> list[list]:
+    """Pack rows, sorted by length, into micro-batches of at most `budget` padded tokens."""
+    rows = sorted(rows, key=lambda r: len(r[0]))
+    out, current = [], []
+    for r in rows:
+        if current and (len(current) + 1) * len(r[0]) > budget:
+            out.append(current)
+            current = []
+        current.append(r)
+    return out + ([current] if current else [])
+
+
+def grpo_update(model, optimizer, trajs, advantages: torch.Tensor, args, d: Dist, *, pad_id: int,
+                ref_model=None) -> dict:
+    """One optimizer step on the rollout batch (on-policy: old_logp = logp.detach(), ratio exactly 1)."""
+    rows = []
+    for t, a in zip(trajs, advantages.tolist()):
+        P = len(t.prompt_ids)
+        trained = [1] * len(t.ids) if args.no_loss_mask else t.mask     # the --no-loss-mask ablation
+        rows.append((t.prompt_ids + t.ids, [0] * P + trained, [0.0] * P + t.logprobs, a))
+    n_tokens = d.sum(sum(sum(r[1]) for r in rows))                        # global mask-1 count, once
+    if n_tokens == 0:
+        return {"skipped": 1, "tokens": 0}
+    mbs = micro_batches(rows, args.micro_batch_tokens)
+    mbs += [[]] * (d.max(len(mbs)) - len(mbs))      # equal micro-batch counts on every rank (FSDP collectives)
+    scale = d.world if (d.on and d.cuda) else 1     # FSDP averages gradients; the CPU path sums them
+    model.train()
+    stats_sum, device = {}, d.device
+    for mb in mbs:
+        if not mb:                                  # a padding micro-batch: joins the collectives, adds nothing
+            dummy = torch.zeros(1, 2, dtype=torch.long, device=device)
+            (token_logprobs(model, dummy).sum() * 0.0).backward()
+            continue
+        input_ids, attention_mask, mask = (x.to(device) for x in collate([(r[0], r[1]) for r in mb], pad_id))
+        sampler = torch.zeros_like(mask)                                 # (B, T) vLLM/HF log-probs, for TIS
+        for i, r in enumerate(mb):
+            sampler[i, :len(r[2])] = torch.tensor(r[2])
+        adv = torch.tensor([r[3] for r in mb], device=device)          # (B,)
+        logp = token_logprobs(model, input_ids, attention_mask, temperature=args.temperature)
+        ref_logp = None
+        if ref_model is not None:
+            with torch.no_grad():
+                ref_logp = token_logprobs(ref_model, input_ids, attention_mask, temperature=args.temperature)
+        loss, stats = grpo_loss(logp, logp.detach(), adv, mask, n_tokens=n_tokens, sampler_logp=sampler,
+                                ref_logp=ref_logp, kl_beta=args.kl_beta)
+        (loss * scale).backward()
+        for k, v in stats.items():     # sums for loss terms, min/max for ratios, token-weighted means otherwise
+            if k == "ratio_min" or k == "ratio_max":
+                stats_sum[k] = (min if k == "ratio_min" else max)(stats_sum.get(k, v), v)
+            else:
+                stats_sum[k] = stats_sum.get(k, 0.0) + (v if k in ("loss", "pg_loss", "tokens") else v * stats["tokens"])
+    reduce_gradients(model, d)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+    finite = math.isfinite(grad_norm) and all(math.isfinite(stats_sum.get(k, 0.0)) for k in ("loss",))
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    local = max(stats_sum.get("tokens", 0.0), 1.0)
+    out = {k: v if k.startswith("ratio") else v / local for k, v in stats_sum.items()
+           if k not in ("loss", "pg_loss", "tokens")}
+    out.update(loss=stats_sum.get("loss", 0.0), grad_norm=grad_norm, skipped=int(not finite), tokens=n_tokens)
+    return out
+
+
+# ----------------------------------------------------------------------------- evaluation, checkpoints, logging
+def evaluate_f1(engine, env, args, questions) -> dict:
+    """Greedy episodes on held-out questions -> mean F1 (0-100), overall and per question type."""
+    by_type: dict[str, list[float]] = {}
+    for start in range(0, len(questions), 200):
+        batch = questions[start:start + 200]
+        trajs = rollout(engine, env["tools"], batch, tokenizer=env["tokenizer"], max_turns=args.max_turns,
+                        params=SamplingParams(temperature=0, max_new_tokens=args.max_new_tokens),
+                        max_context=args.max_context, system=env["system"], tool_names=env["tool_names"])
+        for q, t in zip(batch, trajs):
+            f1 = f1_score(t.answer, t.golden_answers) if t.format_ok else 0.0
+            by_type.setdefault(q.get("metadata", {}).get("type", "all"), []).append(100 * f1)
+    scores = {k: sum(v) / len(v) for k, v in sorted(by_type.items())}
+    scores["all"] = sum(sum(v) for v in by_type.values()) / max(1, sum(len(v) for v in by_type.values()))
+    return scores
+
+
+def full_state_dict(model, d: Dist) -> dict:
+    """The model's full state dict on rank 0 (gathered from FSDP2 shards, offloaded to CPU)."""
+    if d.on and d.cuda:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(path: Path, model, tokenizer, d: Dist, *, optimizer=None, state: dict | None = None) -> None:
+    """Write an HF model + tokenizer (+ optimizer, RNG and loop state) to `path` atomically.
+
+    Every rank writes into `path.tmp` (the optimizer and RNG states are per rank); after a barrier rank 0
+    renames it to `path`, so a run killed at any moment leaves either the old or the new checkpoint.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    if d.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    sd = full_state_dict(model, d)
+    if d.on:
+        dist.barrier()
+    if d.rank == 0:
+        unwrapped = getattr(model, "module", model)
+        unwrapped.save_pretrained(tmp / "model", state_dict=sd)
+        tokenizer.save_pretrained(tmp / "model")
+        (tmp / "state.json").write_text(json.dumps(state or {}))
+    if optimizer is not None:
+        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state() if d.cuda else None}, tmp / f"rank{d.rank}.pt")
+    if d.on:
+        dist.barrier()
+    if d.rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    if d.on:
+        dist.barrier()
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    steps = sorted(p for p in (out / "checkpoints").glob("step_*") if not p.name.endswith(".tmp"))
+    return steps[-1] if steps else None
+
+
+class Logger:
+    """One `|`-separated line per step on rank 0, a jsonl file always, wandb when asked (imported lazily)."""
+
+    def __init__(self, out: Path, d: Dist, wandb_project: str | None, config: dict):
+        self.on = d.rank == 0
+        self.file = open(out / "metrics.jsonl", "a") if self.on else None
+        self.wandb = None
+        if self.on and wandb_project:
+            import wandb
+            self.wandb = wandb.init(project=wandb_project, config=config)
+
+    def log(self, record: dict, line_keys: tuple[str, ...] = ()) -> None:
+        if not self.on:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb:
+            self.wandb.log(record)
+        if line_keys:
+            print(" | ".join(f"{k} {record[k]:.3f}" if isinstance(record[k], float) else f"{k} {record[k]}"
+                             for k in line_keys if k in record), flush=True)
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    d = Dist()
+    torch.manual_seed(args.seed + d.rank)
+    if d.rank == 0:
+        args.out.mkdir(parents=True, exist_ok=True)
+        config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        print("config: " + json.dumps(config), flush=True)
+        (args.out / "config.json").write_text(json.dumps(config, indent=1))
+    if d.on:
+        dist.barrier()
+    t_start = time.perf_counter()
+    env = setup_toy(args, d) if args.model is None else setup_real(args, d)
+    tokenizer, model = env["tokenizer"], env["model"]
+    logger = Logger(args.out, d, args.wandb, vars(args))
+    summary = {"seed": args.seed, "reward": args.reward, "alpha0": args.alpha0}
+    sft_dir, resume_from = args.out / "sft_model", latest_checkpoint(args.out) if args.resume else None
+    if args.resume and (resume_from or (sft_dir / "model").exists()):
+        from transformers import AutoModelForCausalLM   # continue from saved weights; the stage below is skipped
+        src = resume_from or sft_dir
+        model = AutoModelForCausalLM.from_pretrained(src / "model", dtype=torch.float32)
+        summary.update(json.loads((sft_dir / "state.json").read_text()) if (sft_dir / "state.json").exists() else {})
+    model = prepare_model(model, d)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # --- stage 1: SFT on atomic-thought teacher trajectories (PAPER.md §1.2)
+    if args.stage in ("sft", "all") and not (args.resume and (sft_dir / "model").exists()):
+        t0 = time.perf_counter()
+        if args.model is None:
+            rows, counts = toy_sft_examples(env, args)
+            examples = [(p + ids, [0] * len(p) + m) for p, ids, m in
+                        (render_conversation(tokenizer, r["messages"]) for r in rows)]
+            if d.rank == 0:
+                print(f"teacher data: {counts}", flush=True)
+        else:
+            examples = real_sft_examples(args, tokenizer)
+        losses = train_sft(model, examples, pad_id=pad_id, steps=args.sft_steps, batch_size=args.sft_batch,
+                           lr=args.sft_lr, seed=args.seed, rank=d.rank, world_size=d.world,
+                           all_reduce=dist.all_reduce if d.on else None,
+                           log=(lambda line: print(line, flush=True)) if d.rank == 0 else None)
+        summary.update(sft_seconds=time.perf_counter() - t0, sft_final_loss=losses[-1])
+        if env["test"]:
+            summary["test_f1_sft_by_type"] = evaluate_f1(HFEngine(model, tokenizer), env, args, env["test"])
+            summary["test_f1_sft"] = summary["test_f1_sft_by_type"]["all"]
+            if d.rank == 0:
+                print(f"test F1 after SFT: {json.dumps(summary['test_f1_sft_by_type'])}", flush=True)
+        save_checkpoint(sft_dir, model, tokenizer, d, state={k: v for k, v in summary.items() if k.startswith("test")})
+    if args.stage == "sft":
+        return finish(args, d, summary, t_start, steps=0)
+
+    # --- stage 2: GRPO with the curriculum-blended reward (PAPER.md §3, §4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    data_rng, start = random.Random(args.seed), 0
+    if resume_from is not None:
+        state = json.loads((resume_from / "state.json").read_text())
+        version, internal, gauss = state["data_rng"]                  # random.getstate() through JSON
+        start = state["step"]
+        data_rng.setstate((version, tuple(internal), gauss))
+        saved = torch.load(resume_from / f"rank{d.rank}.pt", weights_only=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["torch_rng"])
+        if d.cuda and saved["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(saved["cuda_rng"])
+    ref_model = None
+    if args.kl_beta > 0:   # the frozen SFT policy, for the k3 KL term only
+        import copy
+        ref_model = copy.deepcopy(getattr(model, "module", model)).eval().requires_grad_(False)
+    sync = env.get("engine") is not None                        # vLLM holds its own copy of the weights
+    engine = env.get("engine") or HFEngine(model, tokenizer)   # HF shares the trainer's model: nothing to sync
+    params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    per_rank = args.prompts_per_step // d.world
+    consecutive_skips = 0
+    bar = None
+    if d.rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=args.grpo_steps, initial=start, desc="grpo", disable=None)
+    last = args.grpo_steps if args.stop_after is None else min(args.grpo_steps, start + args.stop_after)
+    for step in range(start, last):
+        t0 = time.perf_counter()
+        if sync:   # push the trainer's weights into vLLM before every rollout, step 0 included
+            engine.load_weights(named_full_tensors(model))
+        t_sync = time.perf_counter()
+        picked = data_rng.sample(env["train"], args.prompts_per_step)       # same draw on every rank
+        questions = picked[d.rank * per_rank:(d.rank + 1) * per_rank]       # whole groups stay on one rank
+        trajs = rollout(engine, env["tools"], questions, tokenizer=tokenizer, params=params,
+                        group_size=args.group_size, max_turns=args.max_turns, max_context=args.max_context,
+                        system=env["system"], tool_names=env["tool_names"])
+        t_rollout = time.perf_counter()
+        alpha_t = alpha(step, args.grpo_steps, args.schedule, args.alpha0)
+        rewards, reward_stats = rewards_of(trajs, env["rrm"], alpha_t)
+        t_judge = time.perf_counter()
+        advantages = group_advantages(torch.tensor(rewards), args.group_size)
+        keep = torch.ones(len(trajs), dtype=torch.bool) if args.keep_zero_adv else nonzero_groups(advantages,
+                                                                                                  args.group_size)
+        kept = [t for t, k in zip(trajs, keep.tolist()) if k]
+        update = grpo_update(model, optimizer, kept, advantages[keep], args, d, pad_id=pad_id, ref_model=ref_model)
+        consecutive_skips = consecutive_skips + 1 if update.get("skipped") and update.get("tokens") else 0
+        if consecutive_skips >= 5:
+            raise SystemExit(f"stopping: {consecutive_skips} consecutive steps had a non-finite loss or gradient")
+        t_update = time.perf_counter()
+        n = d.sum(len(trajs))
+        record = {"step": step + 1, "alpha": alpha_t, **{k: d.sum(v * len(trajs)) / n for k, v in reward_stats.items()
+                                                         if k != "judge_fallbacks"},
+                  "judge_fallbacks": d.sum(reward_stats["judge_fallbacks"]),
+                  "tool_calls": d.sum(sum(t.n_tool_calls for t in trajs)) / n,
+                  "masked_frac": 1 - d.sum(sum(sum(t.mask) for t in trajs)) / max(1, d.sum(sum(len(t.ids) for t in trajs))),
+                  "search_failures": d.sum(env["tools"].stats["search_failures"]),
+                  "groups_kept": d.sum(int(keep.sum())) / args.group_size,
+                  **{f"update_{k}": v for k, v in update.items()},
+                  "time_sync": t_sync - t0, "time_rollout": t_rollout - t_sync, "time_judge": t_judge - t_rollout,
+                  "time_update": t_update - t_judge,
+                  "tokens_per_s": update.get("tokens", 0) / max(t_update - t_judge, 1e-9)}
+        logger.log(record, ("step", "reward", "format_ok", "f1", "atr", "alpha", "tool_calls", "groups_kept",
+                            "update_loss", "update_grad_norm", "time_rollout", "time_update"))
+        if d.rank == 0:
+            (args.out / "samples").mkdir(exist_ok=True)
+            with open(args.out / "samples" / f"step_{step + 1:05d}.txt", "w") as f:
+                for t, r in list(zip(trajs, rewards))[:2]:
+                    f.write(f"reward {r:.3f} finish {t.finish}\n{show_mask(t, tokenizer, color=False)}\n\n")
+            bar.update(1)
+        if (step + 1) % args.save_every == 0 or step + 1 == last:
+            state = {"step": step + 1, "data_rng": data_rng.getstate()}
+            save_checkpoint(args.out / "checkpoints" / f"step_{step + 1:06d}", model, tokenizer, d,
+                            optimizer=optimizer, state=state)
+    if bar is not None:
+        bar.close()
+    if env["test"] and last == args.grpo_steps:
+        summary["test_f1_grpo_by_type"] = evaluate_f1(HFEngine(model, tokenizer), env, args, env["test"])
+        summary["test_f1_grpo"] = summary["test_f1_grpo_by_type"]["all"]
+    return finish(args, d, summary, t_start, steps=last)
+
+
+def finish(args, d: Dist, summary: dict, t_start: float, steps: int) -> dict:
+    summary.update(steps=steps, seconds=time.perf_counter() - t_start)
+    if d.rank == 0:
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        rows = [(k, summary.get("test_f1_sft_by_type", {}).get(k), summary.get("test_f1_grpo_by_type", {}).get(k))
+                for k in summary.get("test_f1_sft_by_type", {})]
+        if rows:
+            print("\n| question type | test F1 after SFT | test F1 after GRPO |\n|---|---|---|")
+            for k, a, b in rows:
+                print(f"| {k} | {a:.1f} | {'-' if b is None else f'{b:.1f}'} |")
+        print(f"\nsummary: {json.dumps(summary)}  ({args.out})", flush=True)
+    if d.on:
+        dist.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    main()
