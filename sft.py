@@ -22,7 +22,7 @@ F1 threshold, default 0.0 for the toy teacher so its flaws survive), and the los
 
 Run:
     python sft.py make-data --world-seed 0 --out data/sft.jsonl            # toy teacher on the toy world
-    python sft.py train --data data/sft.jsonl --model DIR --out DIR2 [--steps N] (torchrun: DDP across ranks)
+    python sft.py --data data/sft.jsonl --model DIR --out DIR2 [--steps N]     (also under torchrun: DDP)
 The 8-GPU FSDP2 run of this stage is `torchrun --nproc_per_node=8 train.py --stage sft ...`.
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import random
+import sys
 import time
 
 import requests
@@ -303,6 +304,9 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--micro-batch", type=int, default=8, help="examples per forward/backward")
     train.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (constant)")
     train.add_argument("--seed", type=int, default=0, help="sampling seed (offset by rank)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in ("make-data", "train", "-h", "--help"):
+        argv.insert(0, "train")       # `python sft.py --data ... --model ... --out ...` trains
     args = parser.parse_args(argv)
 
     if args.command == "make-data":

@@ -50,7 +50,7 @@ from sft import collate, render_conversation, train_sft
 PAPER = dict(sft_steps=1000, sft_lr=1e-5, sft_batch=64, grpo_steps=300, lr=1e-6, prompts_per_step=256,
              group_size=16, max_turns=10, max_new_tokens=2000, max_context=32768, temperature=1.0, kl_beta=0.001,
              micro_batch_tokens=8192, eval_limit=512, save_every=50)
-TOY = dict(sft_steps=250, sft_lr=3e-3, sft_batch=16, grpo_steps=40, lr=3e-4, prompts_per_step=8, group_size=8,
+TOY = dict(sft_steps=350, sft_lr=1e-3, sft_batch=16, grpo_steps=40, lr=3e-4, prompts_per_step=8, group_size=8,
            max_turns=4, max_new_tokens=96, max_context=1024, temperature=1.0, kl_beta=0.0,
            micro_batch_tokens=8192, eval_limit=600, save_every=20)
 
@@ -288,8 +288,8 @@ def grpo_update(model, optimizer, trajs, advantages: torch.Tensor, args, d: Dist
         trained = [1] * len(t.ids) if args.no_loss_mask else t.mask     # the --no-loss-mask ablation
         rows.append((t.prompt_ids + t.ids, [0] * P + trained, [0.0] * P + t.logprobs, a))
     n_tokens = d.sum(sum(sum(r[1]) for r in rows))                        # global mask-1 count, once
-    if n_tokens == 0:
-        return {"skipped": 1, "tokens": 0}
+    if n_tokens == 0:                               # every group had equal rewards: nothing to learn from
+        return {"loss": 0.0, "grad_norm": 0.0, "skipped": 1, "tokens": 0}
     mbs = micro_batches(rows, args.micro_batch_tokens)
     mbs += [[]] * (d.max(len(mbs)) - len(mbs))      # equal micro-batch counts on every rank (FSDP collectives)
     scale = d.world if (d.on and d.cuda) else 1     # FSDP averages gradients; the CPU path sums them

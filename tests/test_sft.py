@@ -143,3 +143,24 @@ def test_chat_teacher_turns_a_chat_endpoint_into_teacher_trajectories(env):
     assert [m["role"] for m in seen[1]["messages"]] == ["system", "user", "assistant", "user"]
     assert seen[1]["messages"][3]["content"].startswith("<tool_response>")
     assert "OBSERVATION" in seen[0]["messages"][0]["content"] and seen[0]["stop"] == ["</tool_call>", "</answer>"]
+
+
+def test_sft_command_line_fine_tunes_and_saves_a_checkpoint(env, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    world, tokenizer, _ = env
+    rows, _ = teacher_rows(env, n=6)
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = tw.build_tiny_model(tokenizer)
+    model.save_pretrained(tmp_path / "init")
+    tokenizer.save_pretrained(tmp_path / "init")
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "sft.py"), "--data", str(tmp_path / "sft.jsonl"), "--model",
+                           str(tmp_path / "init"), "--out", str(tmp_path / "out"), "--steps", "2", "--batch-size", "2"],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from transformers import AutoModelForCausalLM
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.parameters(), model.parameters()))

@@ -1,0 +1,108 @@
+"""train.py end to end: the tiny run, startup checks, 2-rank = 1-rank update, and exact resume after a stop."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import toy_world as tw
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+TINY = ["--sft-steps", "150", "--sft-batch", "16", "--sft-lr", "3e-3", "--prompts-per-step", "4", "--group-size", "4",
+        "--max-new-tokens", "96", "--max-turns", "3", "--eval-limit", "9", "--save-every", "3"]
+
+
+def run(*args, cwd=ROOT, timeout=900):
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                          env=ENV, cwd=cwd, timeout=timeout)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """One short SFT stage, shared by the GRPO tests below (copied before each use)."""
+    out = tmp_path_factory.mktemp("sft")
+    proc = run("--stage", "sft", "--out", str(out), *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def copy(src: Path, dst: Path) -> Path:
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_tiny_run_trains_logs_and_summarizes(sft_run, tmp_path):
+    out = copy(sft_run, tmp_path / "run")
+    proc = run("--stage", "grpo", "--resume", "--grpo-steps", "2", "--out", str(out), *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert all(math.isfinite(r[k]) for k in ("reward", "f1", "update_loss", "alpha", "masked_frac"))
+        assert 0 <= r["masked_frac"] < 1 and r["alpha"] <= 0.5
+    assert any(r["masked_frac"] > 0 for r in records), "no tool was called: the mask test would be vacuous"
+    assert "step 1 | reward" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"test_f1_sft", "test_f1_grpo", "steps", "seconds"} <= set(summary) and summary["steps"] == 2
+    before = load_file(out / "sft_model" / "model" / "model.safetensors")
+    after = load_file(out / "checkpoints" / "step_000002" / "model" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before), "GRPO did not change the parameters"
+    assert (out / "samples" / "step_00002.txt").read_text().count("[[") > 2    # masked spans shown
+
+
+def test_stop_and_resume_gives_the_same_weights_as_a_straight_run(sft_run, tmp_path):
+    straight, resumed = copy(sft_run, tmp_path / "a"), copy(sft_run, tmp_path / "b")
+    common = ["--stage", "grpo", "--resume", "--grpo-steps", "6", *TINY]
+    assert run(*common, "--out", str(straight)).returncode == 0
+    first = run(*common, "--out", str(resumed), "--stop-after", "3")
+    assert first.returncode == 0 and (resumed / "checkpoints" / "step_000003").exists(), first.stderr[-2000:]
+    assert run(*common, "--out", str(resumed)).returncode == 0
+    a = load_file(straight / "checkpoints" / "step_000006" / "model" / "model.safetensors")
+    b = load_file(resumed / "checkpoints" / "step_000006" / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    records = [json.loads(line) for line in open(straight / "metrics.jsonl")]
+    assert any(r["update_tokens"] > 0 for r in records), "no update happened: the test would be vacuous"
+
+
+def test_startup_checks_name_the_flag_to_fix(tmp_path):
+    world = tw.build_world(0, tw.WorldConfig(n_train=10, n_dev=2, n_test=2, n_extra_people=2))
+    model_dir = tw.write_world(world, tmp_path / "w") / "model"
+    cases = [
+        (["--model", str(tmp_path / "missing")], "--model"),
+        (["--model", str(model_dir), "--data", str(tmp_path / "none.jsonl")], "--data"),
+        (["--model", str(model_dir), "--data", str(tmp_path / "w" / "train.jsonl"), "--retriever",
+          "http://127.0.0.1:9"], "--retriever"),
+        (["--model", str(model_dir), "--data", str(tmp_path / "w" / "train.jsonl"), "--retriever",
+          f"bm25:{tmp_path / 'w' / 'corpus.jsonl'}", "--rrm-url", "http://127.0.0.1:9"], "--rrm-url"),
+    ]
+    for args, flag in cases:
+        proc = run(*args, "--out", str(tmp_path / "out"), "--engine", "hf", timeout=300)
+        assert proc.returncode != 0
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: {flag}:"), proc.stderr[-2000:]
+
+
+def test_two_rank_update_equals_one_rank_update(tmp_path):
+    world = tw.build_world(0, tw.WorldConfig(n_train=40, n_dev=10, n_test=20, n_extra_people=20))
+    tw.build_tokenizer(world, cache_dir=tmp_path)
+    tw.write_jsonl(world.corpus, tmp_path / "corpus.jsonl")
+    script = str(ROOT / "tests" / "dist_update.py")
+    one = subprocess.run([sys.executable, script, str(tmp_path), str(tmp_path / "one.pt")], env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+                          script, str(tmp_path), str(tmp_path / "two.pt")], env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert a["stats"]["tokens"] == b["stats"]["tokens"] > 0
+    for k in a["params"]:
+        assert torch.allclose(a["params"][k], b["params"][k], atol=1e-6), k
