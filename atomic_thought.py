@@ -288,7 +288,9 @@ def render_turn(turn: Turn) -> str:
     if turn.tool_call is not None:
         call = {"name": turn.tool_call.name, "arguments": turn.tool_call.arguments}
         return out + f"<tool_call>\n{json.dumps(call, ensure_ascii=False)}\n</tool_call>"
-    return out + f"<answer>{turn.answer}</answer>"
+    # Spaces inside the tag, as around atom texts: the answer's tokens are then the same (" Savora") as where
+    # the thoughts mention it, so a small model copies it rather than re-spelling it (parse_turn strips them).
+    return out + f"<answer> {turn.answer} </answer>"
 
 
 def render_messages(system: str, question: str, turns: list[Turn], tool_responses: list[str]) -> list[dict]:

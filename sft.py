@@ -117,15 +117,25 @@ class ToyTeacherEngine:
         self.tokenizer = tokenizer
         self.turns = {q["question"]: teacher_turns(q, rng, premature_rate, wrong_search_rate) for q in questions}
 
+    sampler_logprob = 0.0   # the log-prob reported for every played token (a script has no distribution)
+
+    def conversation_state(self, prompt_ids: list[int]) -> tuple[str, int]:
+        """(question, number of tool responses so far) of a ChatML conversation."""
+        text = self.tokenizer.decode(prompt_ids)
+        question = text.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
+        return question, text.split("<|im_start|>assistant", 1)[1].count("<tool_response>")
+
+    def turn_text(self, question: str, k: int) -> str:
+        """The assistant text of turn k, after the forced `<think>` prefix."""
+        return render_turn(self.turns[question][k])[len(THINK_PREFIX):]
+
     def generate(self, prompt_ids_list, params) -> list[Completion]:
         out = []
         for ids in prompt_ids_list:
-            text = self.tokenizer.decode(ids)
-            question = text.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
-            k = text.split("<|im_start|>assistant", 1)[1].count("<tool_response>")
-            turn_ids = self.tokenizer(render_turn(self.turns[question][k])[len(THINK_PREFIX):],
-                                      add_special_tokens=False)["input_ids"]
-            out.append(Completion(turn_ids, [0.0] * len(turn_ids), "stop", self.tokenizer.decode(turn_ids)))
+            turn_ids = self.tokenizer(self.turn_text(*self.conversation_state(ids)),
+                                      add_special_tokens=False)["input_ids"][:params.max_new_tokens]
+            out.append(Completion(turn_ids, [self.sampler_logprob] * len(turn_ids), "stop",
+                                  self.tokenizer.decode(turn_ids)))
         return out
 
 

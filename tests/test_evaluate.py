@@ -3,7 +3,6 @@ answer judge over HTTP, trajectory records on the toy world, the CLI end to end,
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 import threading
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import toy_world as tw
-from atomic_thought import THINK_PREFIX, render_turn
+from sft import ToyTeacherEngine
 from engine import Completion, SamplingParams
 from evaluate import (AnswerJudge, aggregate, contains_answer, contamination_filter, evaluate_questions,
                       load_records, main, make_retriever, parse_verdict, sampled_runs)
@@ -237,26 +236,17 @@ def toy_dir(tmp_path_factory):
     return tw.write_world(world, tmp_path_factory.mktemp("toy")), world
 
 
-class TeacherEngine:
+class TeacherEngine(ToyTeacherEngine):
     """Plays the toy teacher's turns as sampled ids; question `broken` gets a malformed turn (no </think>)."""
 
     def __init__(self, tokenizer, questions, broken):
-        self.tokenizer, self.broken = tokenizer, broken
-        self.turns = {q["question"]: tw.teacher_turns(q, random.Random(0)) for q in questions}
+        super().__init__(tokenizer, questions, premature_rate=0.0, wrong_search_rate=0.0)
+        self.broken = broken
 
-    def generate(self, prompts, params):
-        out = []
-        for p in prompts:
-            text = self.tokenizer.decode(p)
-            question = text.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
-            k = text.split("<|im_start|>assistant", 1)[1].count("<tool_response>")   # turns so far
-            if question == self.broken["question"]:
-                turn = f"<OBSERVATION>guess</OBSERVATION><answer>{self.broken['golden_answers'][0]}</answer>"
-            else:
-                turn = render_turn(self.turns[question][k])[len(THINK_PREFIX):]
-            ids = self.tokenizer(turn, add_special_tokens=False)["input_ids"]
-            out.append(Completion(ids, [0.0] * len(ids), "stop", self.tokenizer.decode(ids)))
-        return out
+    def turn_text(self, question, k):
+        if question == self.broken["question"]:
+            return f"<OBSERVATION>guess</OBSERVATION><answer>{self.broken['golden_answers'][0]}</answer>"
+        return super().turn_text(question, k)
 
 
 def test_records_of_teacher_rollouts(toy_dir):

@@ -1,14 +1,14 @@
 """The multi-turn rollout: token-in/token-out, loss masks, limits, and faults that never end an episode."""
-import random
 
 import pytest
 import torch
 
 import toy_world as tw
-from atomic_thought import THINK_PREFIX, render_messages, render_turn, system_prompt
-from engine import Completion, HFEngine, SamplingParams
+from atomic_thought import render_messages, system_prompt
+from engine import HFEngine, SamplingParams
 from retrievers import BM25Retriever, SearchError
 from search_env import Tools, TurnGlue, rollout, show_mask
+from sft import ToyTeacherEngine
 
 
 @pytest.fixture(scope="module")
@@ -28,28 +28,19 @@ def tools(world, tokenizer, tmp_path_factory):
     return Tools(BM25Retriever(corpus), topk=3, max_response_tokens=200, tokenizer=tokenizer)
 
 
-class ScriptedEngine:
-    """Plays the toy teacher's turns as sampled token ids; records what it returned per conversation."""
+class ScriptedEngine(ToyTeacherEngine):
+    """The toy teacher as an engine; records what it returned per conversation, or always searches."""
+    sampler_logprob = -0.5
 
     def __init__(self, tokenizer, questions, premature_rate=0.0, always_search=False):
-        self.tokenizer, self.always_search = tokenizer, always_search
-        rng = random.Random(0)
-        self.turns = {q["question"]: tw.teacher_turns(q, rng, premature_rate) for q in questions}
+        super().__init__(tokenizer, questions, premature_rate=premature_rate, wrong_search_rate=0.0)
+        self.always_search = always_search
         self.returned = {}   # question -> {turn index: the token ids returned for it}
 
-    def generate(self, prompts, params):
-        out = []
-        for p in prompts:
-            text = self.tokenizer.decode(p)
-            question = text.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
-            k = text.split("<|im_start|>assistant", 1)[1].count("<tool_response>")   # turns so far
-            turns = self.turns[question]
-            turn = turns[0] if self.always_search else turns[k]
-            ids = self.tokenizer(render_turn(turn)[len(THINK_PREFIX):], add_special_tokens=False)["input_ids"]
-            ids = ids[:params.max_new_tokens]
-            self.returned.setdefault(question, {})[k] = ids
-            out.append(Completion(ids, [-0.5] * len(ids), "stop", self.tokenizer.decode(ids)))
-        return out
+    def turn_text(self, question, k):
+        text = super().turn_text(question, 0 if self.always_search else k)
+        self.returned.setdefault(question, {})[k] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text
 
 
 def assistant_runs(t):
