@@ -34,6 +34,7 @@ $(TEST_STAMP): $(RUNTIME_STAMP) requirements-test.txt
 
 demo: $(RUNTIME_STAMP)
 	$(PY) toy_world.py
+	$(PY) train.py
 
 test: $(TEST_STAMP)
 	$(PY) -m pytest -q tests
