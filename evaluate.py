@@ -332,13 +332,17 @@ def build_engine(model_path: str, kind: str, max_context: int, seed: int):
 
 
 def evaluate_questions(engine, tools, questions: list[dict], *, tokenizer, params, max_turns: int,
-                       max_context: int, tool_names: tuple[str, ...], batch_size: int = 256, rrm=None) -> list[dict]:
-    """Greedy rollouts of `questions` in batches -> trajectory records (with RRM atom scores when `rrm` is given)."""
+                       max_context: int, tool_names: tuple[str, ...], batch_size: int = 256, rrm=None,
+                       system: str | None = None) -> list[dict]:
+    """Greedy rollouts of `questions` in batches -> trajectory records (with RRM atom scores when `rrm` is given).
+
+    `system` must be the prompt the policy was trained with (default: atomic_thought.system_prompt(tool_names)).
+    """
     records = []
     for start in range(0, len(questions), batch_size):
         batch = questions[start:start + batch_size]
         trajs = rollout(engine, tools, batch, tokenizer=tokenizer, params=params, max_turns=max_turns,
-                        max_context=max_context, tool_names=tool_names)
+                        max_context=max_context, tool_names=tool_names, system=system)
         atrs = rrm.score(trajs) if rrm is not None else [None] * len(trajs)
         records += [trajectory_record(t, q, tokenizer=tokenizer, atr=a) for t, q, a in zip(trajs, batch, atrs)]
     return records
@@ -382,8 +386,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.data_dir, args.model = str(toy), args.model or str(toy / "model")
         args.benchmarks, args.retriever = args.benchmarks or "test", args.retriever or f"bm25:{toy / 'corpus.jsonl'}"
         args.topk, args.rrm_url = args.topk or tw.TOPK, args.rrm_url or "toy"
-        args.max_turns, args.max_new_tokens = args.max_turns or 4, args.max_new_tokens or 96
-        args.max_context = args.max_context or 1024
+        for key, value in tw.LIMITS.items():
+            setattr(args, key, getattr(args, key) or value)
     args.benchmarks = list(dict.fromkeys((args.benchmarks or ",".join(PAPER_BENCHMARKS)).split(",")))
     args.topk, args.max_turns, args.max_new_tokens = args.topk or 10, args.max_turns or 10, args.max_new_tokens or 2000
     args.max_context = args.max_context or 32768
@@ -443,7 +447,7 @@ def main(argv: list[str] | None = None) -> None:
     records = evaluate_questions(engine, tools, questions[rank::world_size], tokenizer=tokenizer,
                                  params=SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens),
                                  max_turns=args.max_turns, max_context=max_context, tool_names=tool_names,
-                                 batch_size=args.batch_size, rrm=rrm)
+                                 batch_size=args.batch_size, rrm=rrm, system=tw.SYSTEM if args.toy else None)
     judge = AnswerJudge(args.judge_url, args.judge_model, api_key_env=args.judge_key_env) if args.judge_url else None
     if judge is not None:
         for r, v in zip(records, judge.judge([(r["question"], r["golden_answers"], r["answer"]) for r in records])):

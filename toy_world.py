@@ -76,6 +76,9 @@ TOOLS = ("web_search",)  # the toy world offers search only: its passages have n
 SYSTEM = ("Answer the question by searching. In each turn, reason in <think>, then either call web_search in "
           "<tool_call> or give a short answer in <answer>.")
 TOPK = 3                 # results per search (our choice: short tool responses for a tiny model)
+# Episode limits of the toy world (paper: 10 turns, 2,000 new tokens, 32k context): a teacher episode is at most
+# 4 turns of ~80 tokens and ~600 tokens in all. train.py and evaluate.py both use these.
+LIMITS = dict(max_turns=4, max_new_tokens=96, max_context=1024)
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import toy_world as tw
 from curriculum import SCHEDULES, alpha, blend
 from engine import HFEngine, SamplingParams
 from evaluate import f1_score
@@ -51,7 +52,7 @@ PAPER = dict(sft_steps=1000, sft_lr=1e-5, sft_batch=64, grpo_steps=300, lr=1e-6,
              group_size=16, max_turns=10, max_new_tokens=2000, max_context=32768, temperature=1.0, kl_beta=0.001,
              micro_batch_tokens=8192, eval_limit=512, save_every=50)
 TOY = dict(sft_steps=350, sft_lr=1e-3, sft_batch=16, grpo_steps=40, lr=3e-4, prompts_per_step=8, group_size=8,
-           max_turns=4, max_new_tokens=96, max_context=1024, temperature=1.0, kl_beta=0.0,
+           **tw.LIMITS, temperature=1.0, kl_beta=0.0,
            micro_batch_tokens=8192, eval_limit=600, save_every=20)
 
 
@@ -174,7 +175,6 @@ def fail(flag: str, message: str) -> None:
 
 def setup_toy(args, d: Dist):
     """The embedded default: toy world, tokenizer, tiny model, BM25 over its corpus, oracle judge."""
-    import toy_world as tw
     from retrievers import BM25Retriever
     from rrm_reward import ToyOracleRRM
     world = tw.build_world(args.seed)
@@ -320,7 +320,7 @@ def grpo_update(model, optimizer, trajs, advantages: torch.Tensor, args, d: Dist
                 stats_sum[k] = stats_sum.get(k, 0.0) + (v if k in ("loss", "pg_loss", "tokens") else v * stats["tokens"])
     reduce_gradients(model, d)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
-    finite = math.isfinite(grad_norm) and all(math.isfinite(stats_sum.get(k, 0.0)) for k in ("loss",))
+    finite = math.isfinite(grad_norm) and math.isfinite(stats_sum.get("loss", 0.0))   # else skip the step
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
