@@ -229,6 +229,22 @@ def make_teacher_data(teacher, tools, questions: list[dict], *, tokenizer, param
 
 
 # ----------------------------------------------------------------------------- training
+def first_turn(example: tuple[list[int], list[int]]) -> tuple[list[int], list[int]]:
+    """An example cut after its first trained span: the prompt and the first assistant turn only.
+
+    Our toy-demo warm-up (train.py --sft-warmup-steps): on these ~3x shorter sequences the tiny model learns
+    to copy the question's name into its thoughts and query within ~200 steps, which on whole trajectories it
+    had not done after 300 (LOG.md); a pretrained LLM arrives with that in-context copying already.
+    """
+    ids, mask = example
+    if 1 not in mask:
+        raise ValueError("example has no trained (mask-1) token")
+    end = mask.index(1)
+    while end < len(mask) and mask[end] == 1:
+        end += 1
+    return ids[:end], mask[:end]
+
+
 def sft_step(model, rows: list[tuple[list[int], list[int]]], *, pad_id: int, micro_batch: int,
              n_tokens: float, loss_scale: float = 1.0) -> float:
     """Forward + backward of one optimizer step's rows in micro-batches; returns the step's loss.

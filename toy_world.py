@@ -2,7 +2,7 @@
 
 A seeded synthetic knowledge base of fictional people, cities, countries and companies, rendered as a
 FlashRAG-format passage corpus, with questions an agent can only answer by searching it, a byte-level BPE
-tokenizer trained on the world's text, and a ~1M-parameter Qwen2 model (the same code path as
+tokenizer trained on the world's text, and a ~0.5M-parameter Qwen2 model (the same code path as
 Qwen2.5-7B). Nothing here exists in the paper: it is our stand-in for Wikipedia + NQ/HotpotQA so that
 `python train.py` shows SFT -> GRPO learning in minutes (PAPER.md, DESIGN.md "toy_world.py").
 
@@ -27,6 +27,10 @@ Design, following the two prototypes in shared/notes/toy_world_feasibility.md:
 The scripted teacher (`teacher_turns`) writes gold trajectories in the atomic-thought format (PAPER.md §2)
 and is imperfect on purpose (`premature_rate`: answer before the last hop; `wrong_search_rate`: search
 the wrong name first), so RL has something to improve. sft.py runs it through the real environment.
+Two choices make its text learnable by a tiny model in minutes (LOG.md): every name it copies follows a
+space, so it is the same token everywhere (queries are "mentor of Ka Lo Mi", not "Ka Lo Mi", whose first
+syllable after a quote would be a different token); and its observations quote the retrieved sentence
+("Ka Lo Mi was born in Savora.") rather than rephrase it, so reading a value is copying it.
 
 What this world does not model: paraphrase, ambiguity, noisy or contradictory sources, long documents.
 
@@ -80,6 +84,7 @@ TOPK = 3                 # results per search (our choice: short tool responses 
 # 4 turns of ~80 tokens and ~600 tokens in all. train.py and evaluate.py both use these.
 LIMITS = dict(max_turns=4, max_new_tokens=96, max_context=1024)
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"
+TEXT_VERSION = 2         # bump when the corpus or teacher text changes: the tokenizer cache is keyed on it
 
 
 @dataclass(frozen=True)
@@ -104,8 +109,17 @@ class World:
     company_founder: dict[str, str] = field(repr=False, default_factory=dict)
 
     def key(self) -> str:
-        """A short hash naming this world (seed + config): the cache key for tokenizer and model."""
-        return hashlib.sha256(json.dumps([self.seed, asdict(self.config)]).encode()).hexdigest()[:12]
+        """A short hash naming this world (seed + config + text format): the cache key for tokenizer and corpus."""
+        return hashlib.sha256(json.dumps([self.seed, asdict(self.config), TEXT_VERSION]).encode()).hexdigest()[:12]
+
+
+# How each relation is stated in the corpus; the teacher observes a fact by quoting its sentence.
+FACTS = {"birth city": "{e} was born in {v}.", "employer": "{e} works for {v}.", "mentor": "The mentor of {e} is {v}.",
+         "founder": "{e} is a company founded by {v}."}
+
+
+def fact(relation: str, entity: str, value: str) -> str:
+    return FACTS[relation].format(e=entity, v=value)
 
 
 def _passage(pid: str, title: str, text: str) -> dict:
@@ -141,9 +155,9 @@ def build_world(seed: int = 0, config: WorldConfig = WorldConfig()) -> World:
 
     corpus, doc_of = [], {}
     for name, p in people.items():
-        facts = [f"{name} was born in {p['city']}.", f"{name} works for {p['company']}."]
+        facts = [fact("birth city", name, p["city"]), fact("employer", name, p["company"])]
         if p["mentor"]:
-            facts.append(f"The mentor of {name} is {p['mentor']}.")
+            facts.append(fact("mentor", name, p["mentor"]))
         doc_of[name] = f"p{len(corpus)}"
         corpus.append(_passage(doc_of[name], name, " ".join(facts)))
         if rng.random() < config.travel_rate:   # a distractor: the name next to a city that is not the birth city
@@ -156,8 +170,7 @@ def build_world(seed: int = 0, config: WorldConfig = WorldConfig()) -> World:
     for company, founder in company_founder.items():
         doc_of[company] = f"c{len(corpus)}"
         corpus.append(_passage(doc_of[company], company,
-                               f"{company} is a company founded by {founder}. Its head office is in "
-                               f"{people[founder]['city']}."))
+                               fact("founder", company, founder) + f" Its head office is in {people[founder]['city']}."))
 
     splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
     for name, p in people.items():
@@ -185,6 +198,13 @@ def build_world(seed: int = 0, config: WorldConfig = WorldConfig()) -> World:
 
 
 # ----------------------------------------------------------------------------- the scripted teacher
+def search_query(entity: str, relation: str) -> str:
+    """The teacher's query, e.g. "mentor of Ka Lo Mi". The entity follows a word, so its first syllable is the
+    same token (" Ka", with its space) as in questions and passages; at the start of the JSON string it would
+    be "Ka", a different token the tiny model would have to learn to map to."""
+    return f"{relation} of {entity}"
+
+
 def teacher_turns(question: dict, rng: random.Random, premature_rate: float = 0.0,
                   wrong_search_rate: float = 0.0) -> list[Turn]:
     """The assistant turns of a scripted teacher for one toy question (its gold chain in `metadata`).
@@ -201,29 +221,31 @@ def teacher_turns(question: dict, rng: random.Random, premature_rate: float = 0.
     hops, subject = meta["hops"], meta["subject"]
     turns = []
 
-    def search_turn(observation: str, hypothesis: str, risk: str, query: str) -> Turn:
+    def search_turn(observation: str, hypothesis: str, risk: str, entity: str, relation: str) -> Turn:
         return make_turn([Atom("OBSERVATION", observation), Atom("HYPOTHESIS_TESTING", hypothesis),
-                          Atom("RISK_ANALYSIS", risk), Atom("ACTION", f"Search {query}.")],
-                         tool_call=ToolCall("web_search", {"query": query}))
+                          Atom("RISK_ANALYSIS", risk), Atom("ACTION", f"Search {entity}.")],
+                         tool_call=ToolCall("web_search", {"query": search_query(entity, relation)}))
 
     if rng.random() < wrong_search_rate:
         syllables = subject.split()
         syllables[-1] = rng.choice([s for s in SYLLABLES if s not in syllables])
         wrong = " ".join(syllables)
         turns.append(search_turn(f"The question is about {subject}.", f"I need facts about {wrong}.",
-                                 "Similar names exist.", wrong))
+                                 "Similar names exist.", wrong, hops[0]["relation"]))
         turns.append(search_turn(f"The results are about {wrong}, not {subject}.", f"I need facts about {subject}.",
-                                 "Similar names exist.", subject))
+                                 "Similar names exist.", subject, hops[0]["relation"]))
     else:
         turns.append(search_turn(f"The question is about {subject}.", f"I need facts about {subject}.",
-                                 "Similar names exist.", subject))
+                                 "Similar names exist.", subject, hops[0]["relation"]))
     for i, hop in enumerate(hops):
-        observation = f"The {hop['relation']} of {hop['search']} is {hop['value']}."
+        # The observation quotes the passage's sentence: reading a value is then copying, the one in-context
+        # skill a tiny model learns within the demo's budget (the first prototype failed on rephrasing).
+        observation = fact(hop["relation"], hop["search"], hop["value"])
         if i < len(hops) - 1 and rng.random() < premature_rate:
             # Flaw: stop one hop early and answer with the tempting value at hand (metadata "trap").
             trap = meta["trap"]
             if meta["type"] == "mentor_city":
-                observation = f"The birth city of {subject} is {trap}."
+                observation = fact("birth city", subject, trap)
             turns.append(make_turn([Atom("OBSERVATION", observation),
                                     Atom("HYPOTHESIS_TESTING", f"The answer is {trap}."),
                                     Atom("RISK_ANALYSIS", "Not checked further."),
@@ -237,7 +259,7 @@ def teacher_turns(question: dict, rng: random.Random, premature_rate: float = 0.
         else:
             nxt = hops[i + 1]
             turns.append(search_turn(observation, f"I need the {nxt['relation']} of {nxt['search']}.",
-                                     f"{hop['value']} must be exact.", nxt["search"]))
+                                     f"{hop['value']} must be exact.", nxt["search"], nxt["relation"]))
     return turns
 
 
@@ -348,11 +370,13 @@ def build_tokenizer(world: World, vocab_size: int = 1024, cache_dir: str | os.Pa
     return AutoTokenizer.from_pretrained(path)
 
 
-def build_tiny_model(tokenizer, *, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4,
+def build_tiny_model(tokenizer, *, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4,
                      num_kv_heads: int = 2, intermediate_size: int = 384, max_positions: int = 2048, seed: int = 0):
-    """A randomly initialised `Qwen2ForCausalLM` of ~1M parameters (Qwen2.5-7B's architecture, tiny).
+    """A randomly initialised `Qwen2ForCausalLM` of ~0.5M parameters (Qwen2.5-7B's architecture, tiny).
 
     Grouped-query attention (4 query heads sharing 2 KV heads) and tied embeddings as in small Qwen2.5s.
+    Two layers, the fewest that can copy from context (a previous-token head feeding an induction head);
+    four learnt no faster in the demo's SFT (LOG.md) and cost twice as much per step.
     """
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM

@@ -17,7 +17,8 @@ def world():
 def trajectory(question, turns, world):
     """A finished trajectory whose tool responses are the gold passages of the searched names."""
     passages = {d["title"]: d["contents"] for d in world.corpus}
-    responses = [passages.get(t.tool_call.arguments["query"], "no results") for t in turns if t.tool_call]
+    responses = [passages.get(t.tool_call.arguments["query"].split(" of ", 1)[-1], "no results")
+                 for t in turns if t.tool_call]   # the teacher's query is "<relation> of <name>"
     return Trajectory(question["question"], question["golden_answers"], [], turns=turns, tool_responses=responses,
                       answer=turns[-1].answer, finish="answer", metadata=question["metadata"])
 

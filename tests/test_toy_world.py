@@ -100,7 +100,7 @@ def test_chat_template_renders_a_tool_turn_as_a_user_tool_response(tokenizer):
 def test_tiny_model_forward_pass(tokenizer):
     model = tw.build_tiny_model(tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
-    assert 0.5e6 < n_params < 2e6
+    assert 0.3e6 < n_params < 2e6
     assert model.config.model_type == "qwen2" and model.config.num_key_value_heads < model.config.num_attention_heads
     ids = torch.tensor([tokenizer("Where was Ka Lo Mi born?")["input_ids"]])
     logits = model(input_ids=ids).logits
@@ -116,7 +116,10 @@ def test_teacher_turns_are_well_formed_and_answer_correctly(world):
         assert all(len(t.atoms) == 4 for t in turns)
         assert turns[-1].answer == q["golden_answers"][0]
         queries = [t.tool_call.arguments["query"] for t in turns[:-1]]
-        assert queries == [h["search"] for h in q["metadata"]["hops"]]
+        assert queries == [f"{h['relation']} of {h['search']}" for h in q["metadata"]["hops"]]
+        for t, h in zip(turns[1:], q["metadata"]["hops"]):   # observations quote the gold passage's sentence
+            gold = next(d for d in world.corpus if d["id"] == h["doc_id"])
+            assert t.atoms[0].text in gold["text"] and h["value"] in t.atoms[0].text
 
 
 def test_teacher_flaws_are_controlled(world):
@@ -127,7 +130,8 @@ def test_teacher_flaws_are_controlled(world):
         assert len(turns) == 2 and turns[-1].answer == q["metadata"]["trap"]
         turns = tw.teacher_turns(q, rng, wrong_search_rate=1.0)
         first, second = (t.tool_call.arguments["query"] for t in turns[:2])
-        assert first != q["metadata"]["subject"] and second == q["metadata"]["subject"]
+        subject, relation = q["metadata"]["subject"], q["metadata"]["hops"][0]["relation"]
+        assert first != f"{relation} of {subject}" and second == f"{relation} of {subject}"
         assert turns[-1].answer == q["golden_answers"][0]
 
 
