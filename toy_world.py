@@ -114,8 +114,8 @@ class World:
 
 
 # How each relation is stated in the corpus; the teacher observes a fact by quoting its sentence.
-FACTS = {"birth city": "{e} was born in {v}.", "employer": "{e} works for {v}.", "mentor": "The mentor of {e} is {v}.",
-         "founder": "{e} is a company founded by {v}."}
+FACTS = {"birth city": "{e} was born in {v}.", "employer": "{e} works for {v}.",
+         "mentor": "The mentor of {e} is {v}.", "founder": "{e} is a company founded by {v}."}
 
 
 def fact(relation: str, entity: str, value: str) -> str:
@@ -170,7 +170,8 @@ def build_world(seed: int = 0, config: WorldConfig = WorldConfig()) -> World:
     for company, founder in company_founder.items():
         doc_of[company] = f"c{len(corpus)}"
         corpus.append(_passage(doc_of[company], company,
-                               fact("founder", company, founder) + f" Its head office is in {people[founder]['city']}."))
+                               fact("founder", company, founder)
+                               + f" Its head office is in {people[founder]['city']}."))
 
     splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
     for name, p in people.items():
@@ -199,9 +200,12 @@ def build_world(seed: int = 0, config: WorldConfig = WorldConfig()) -> World:
 
 # ----------------------------------------------------------------------------- the scripted teacher
 def search_query(entity: str, relation: str) -> str:
-    """The teacher's query, e.g. "mentor of Ka Lo Mi". The entity follows a word, so its first syllable is the
-    same token (" Ka", with its space) as in questions and passages; at the start of the JSON string it would
-    be "Ka", a different token the tiny model would have to learn to map to."""
+    """The teacher's query, e.g. "mentor of Ka Lo Mi".
+
+    The entity follows a word, so its first syllable is the same token (" Ka", with its space) as in questions
+    and passages; at the start of the JSON string it would be "Ka", another token the tiny model would have to
+    learn to map to (the first syllable was the one it got wrong, LOG.md).
+    """
     return f"{relation} of {entity}"
 
 
@@ -238,8 +242,8 @@ def teacher_turns(question: dict, rng: random.Random, premature_rate: float = 0.
         turns.append(search_turn(f"The question is about {subject}.", f"I need facts about {subject}.",
                                  "Similar names exist.", subject, hops[0]["relation"]))
     for i, hop in enumerate(hops):
-        # The observation quotes the passage's sentence: reading a value is then copying, the one in-context
-        # skill a tiny model learns within the demo's budget (the first prototype failed on rephrasing).
+        # The observation quotes the passage's sentence: reading a value is then copying, which a tiny model
+        # learns within the demo's budget; a rephrased observation needs a learnt relation mapping on top.
         observation = fact(hop["relation"], hop["search"], hop["value"])
         if i < len(hops) - 1 and rng.random() < premature_rate:
             # Flaw: stop one hop early and answer with the tempting value at hand (metadata "trap").

