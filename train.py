@@ -6,7 +6,7 @@ The whole pipeline of the paper (arXiv 2508.12800; PAPER.md §1, §4) in one loo
       ->  A = (R - mean_G R) / (std_G R + 1e-6)  ->  one loss-masked GRPO step (grpo.py)  ->  sync the engine
 
 Run it:
-    python train.py                                   # CPU, ~10 minutes: toy world -> SFT -> GRPO -> test F1
+    python train.py                                   # CPU, ~13 minutes: toy world -> SFT -> GRPO -> test F1
     python train.py --reward outcome                  # the same with F1 only (alpha0 = 0): the paper's ablation
     torchrun --nproc_per_node=8 train.py --model Qwen/Qwen2.5-7B-Instruct --data train.jsonl \\
         --sft-data sft.jsonl --retriever http://host:8000 --rrm-url http://judge:8001 --rrm-model Qwen/Qwen3-30B-A3B
@@ -14,12 +14,13 @@ With no --model the embedded default runs: the toy world (toy_world.py) with its
 data, the toy oracle as judge (rrm_reward.ToyOracleRRM) and the toy presets below; with --model the paper's
 values (PAPER.md §4) are the defaults. Every flag overrides either.
 
-Distributed (training_design.md §2): one process per GPU; FSDP2 (`fully_shard` per decoder layer, bf16 params,
-fp32 gradient reduction, activation checkpointing); a colocated VLLMEngine per rank whose weights are pushed
-from the trainer before every rollout; each rank rolls out whole prompt groups, so advantages need no
-communication; the mask-token count of the step is all-reduced once; micro-batch counts are equalized across
-ranks; metrics are all-reduced and rank 0 logs and saves. On CPU (gloo) the ranks keep full models and sum
-their gradients by hand (FSDP2 on gloo does not average correctly, pytorch#162338).
+Distributed (training_design.md §2; the mechanics are in distributed.py): one process per GPU; FSDP2
+(`fully_shard` per decoder layer, bf16 params, fp32 gradient reduction, activation checkpointing); a colocated
+VLLMEngine per rank whose weights are pushed from the trainer before every rollout; each rank rolls out whole
+prompt groups, so advantages need no communication; the mask-token count of the step is all-reduced once;
+micro-batch counts are equalized across ranks; metrics are all-reduced and rank 0 logs and saves. On CPU (gloo)
+the ranks keep full models and sum their gradients by hand (FSDP2 on gloo does not average correctly,
+pytorch#162338).
 
 Our choices where the paper is silent, each a flag: toy presets (with a first-turn SFT warm-up that lets the
 tiny model learn to copy names, --sft-warmup-steps; 0 for real models); TIS on; KL only when --kl-beta > 0 (then a
@@ -31,9 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -42,6 +41,7 @@ import torch.distributed as dist
 
 import toy_world as tw
 from curriculum import SCHEDULES, alpha, blend
+from distributed import Dist, latest_checkpoint, named_full_tensors, prepare_model, reduce_gradients, save_checkpoint
 from engine import HFEngine, SamplingParams
 from evaluate import f1_score
 from grpo import group_advantages, grpo_loss, nonzero_groups, token_logprobs
@@ -51,11 +51,11 @@ from sft import collate, first_turn, render_conversation, train_sft
 # The paper's recipe (PAPER.md §4, DeepResearcher's) for real models, and ours for the CPU toy run. Toy choices
 # (LOG.md): a first-turn SFT warm-up, then enough whole-trajectory steps for the tiny model to learn to read values
 # out of tool responses (it happens between ~450 and ~650 steps); sampling at T = 0.7, because at T = 1 its samples
-# corrupt copied names and GRPO learns nothing; lr 3e-4 (5e-4 and 1e-3 collapsed).
+# corrupt copied names and GRPO learns nothing; lr 3e-4 (5e-4 and 1e-3 collapsed); 80 GRPO steps (40 gave +15).
 PAPER = dict(sft_steps=1000, sft_warmup_steps=0, sft_lr=1e-5, sft_batch=64, grpo_steps=300, lr=1e-6,
              prompts_per_step=256, group_size=16, max_turns=10, max_new_tokens=2000, max_context=32768,
              temperature=1.0, kl_beta=0.001, micro_batch_tokens=8192, eval_limit=512, save_every=50)
-TOY = dict(sft_steps=750, sft_warmup_steps=200, sft_lr=1e-3, sft_batch=16, grpo_steps=40, lr=3e-4,
+TOY = dict(sft_steps=750, sft_warmup_steps=200, sft_lr=1e-3, sft_batch=16, grpo_steps=80, lr=3e-4,
            prompts_per_step=8, group_size=8, **tw.LIMITS, temperature=0.7, kl_beta=0.0,
            micro_batch_tokens=8192, eval_limit=600, save_every=20)
 
@@ -113,64 +113,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.alpha0 = 0.0
     args.out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     return args
-
-
-# ----------------------------------------------------------------------------- distributed (thin, optional)
-class Dist:
-    """Rank, world size, device and the two collectives the loop needs. `python` = one rank."""
-
-    def __init__(self):
-        self.on = "RANK" in os.environ
-        self.cuda = torch.cuda.is_available()
-        if self.on:
-            dist.init_process_group("cuda:nccl,cpu:gloo" if self.cuda else "gloo")
-        self.rank = dist.get_rank() if self.on else 0
-        self.world = dist.get_world_size() if self.on else 1
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        self.device = torch.device(f"cuda:{local}" if self.cuda else "cpu")
-        if self.cuda:
-            torch.cuda.set_device(self.device)
-
-    def sum(self, value: float) -> float:
-        if not self.on:
-            return value
-        t = torch.tensor([float(value)], dtype=torch.float64)
-        dist.all_reduce(t)
-        return t.item()
-
-    def max(self, value: int) -> int:
-        if not self.on:
-            return value
-        t = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
-
-
-def prepare_model(model, d: Dist):
-    """FSDP2 on GPUs (per decoder layer, then the root); a plain model on CPU or a single process."""
-    if d.on and d.cuda:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for layer in model.model.layers:
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-    return model.to(d.device)
-
-
-def reduce_gradients(model, d: Dist) -> None:
-    """CPU multi-rank: sum gradients across ranks by hand (the loss is already a global token-mean)."""
-    if d.on and not d.cuda:
-        for p in model.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-
-
-def named_full_tensors(model):
-    """(name, full bf16 tensor) pairs for the engine: gathers FSDP2 shards one parameter at a time."""
-    for name, p in model.named_parameters():
-        t = p.detach()
-        yield name, (t.full_tensor() if hasattr(t, "full_tensor") else t).to(torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -347,7 +289,7 @@ def grpo_update(model, optimizer, trajs, advantages: torch.Tensor, args, d: Dist
     return out
 
 
-# ----------------------------------------------------------------------------- evaluation, checkpoints, logging
+# ----------------------------------------------------------------------------- evaluation and logging
 def evaluate_f1(engine, env, args, questions) -> dict:
     """Greedy episodes on held-out questions -> mean F1 (0-100), overall and per question type."""
     by_type: dict[str, list[float]] = {}
@@ -362,49 +304,6 @@ def evaluate_f1(engine, env, args, questions) -> dict:
     scores = {k: sum(v) / len(v) for k, v in sorted(by_type.items())}
     scores["all"] = sum(sum(v) for v in by_type.values()) / max(1, sum(len(v) for v in by_type.values()))
     return scores
-
-
-def full_state_dict(model, d: Dist) -> dict:
-    """The model's full state dict on rank 0 (gathered from FSDP2 shards, offloaded to CPU)."""
-    if d.on and d.cuda:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-
-def save_checkpoint(path: Path, model, tokenizer, d: Dist, *, optimizer=None, state: dict | None = None) -> None:
-    """Write an HF model + tokenizer (+ optimizer, RNG and loop state) to `path` atomically.
-
-    Every rank writes into `path.tmp` (the optimizer and RNG states are per rank); after a barrier rank 0
-    renames it to `path`, so a run killed at any moment leaves either the old or the new checkpoint.
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    if d.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    sd = full_state_dict(model, d)
-    if d.on:
-        dist.barrier()
-    if d.rank == 0:
-        unwrapped = getattr(model, "module", model)
-        unwrapped.save_pretrained(tmp / "model", state_dict=sd)
-        tokenizer.save_pretrained(tmp / "model")
-        (tmp / "state.json").write_text(json.dumps(state or {}))
-    if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state() if d.cuda else None}, tmp / f"rank{d.rank}.pt")
-    if d.on:
-        dist.barrier()
-    if d.rank == 0:
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    if d.on:
-        dist.barrier()
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    steps = sorted(p for p in (out / "checkpoints").glob("step_*") if not p.name.endswith(".tmp"))
-    return steps[-1] if steps else None
 
 
 class Logger:

@@ -109,6 +109,17 @@ def test_startup_checks_name_the_flag_to_fix(tmp_path):
         assert last.startswith(f"error: {flag}:"), proc.stderr[-2000:]
 
 
+def test_resume_refuses_a_checkpoint_saved_with_another_tokenizer(tmp_path):
+    other = tw.build_world(1, tw.WorldConfig(n_train=10, n_dev=2, n_test=2, n_extra_people=2))
+    tokenizer = tw.build_tokenizer(other, cache_dir=tmp_path / "tok")   # not the default world's tokenizer
+    saved = tmp_path / "out" / "sft_model" / "model"
+    tw.build_tiny_model(tokenizer).save_pretrained(saved)
+    tokenizer.save_pretrained(saved)
+    proc = run("--stage", "grpo", "--resume", "--out", str(tmp_path / "out"), *TINY, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --resume:"), proc.stderr[-2000:]
+
+
 def test_two_rank_update_equals_one_rank_update(tmp_path):
     world = tw.build_world(0, tw.WorldConfig(n_train=40, n_dev=10, n_test=20, n_extra_people=20))
     tw.build_tokenizer(world, cache_dir=tmp_path)
