@@ -3,7 +3,7 @@
 The layout of training_design.md §2: under `torchrun` every rank keeps an FSDP2-sharded policy (`fully_shard`
 per decoder layer, then the root; bf16 parameters, fp32 gradient reduction, activation checkpointing), gathers
 full tensors one parameter at a time to push into its colocated rollout engine, and writes checkpoints that a
-run killed at any moment cannot corrupt. Under plain `python` everything here is a no-op on one rank. On CPU
+run killed at any moment cannot corrupt. Under plain `python` there is one rank and no collective runs. On CPU
 (gloo) the ranks keep full models and sum gradients by hand: FSDP2 on gloo does not average them correctly
 (pytorch#162338).
 """

@@ -229,6 +229,12 @@ def make_teacher_data(teacher, tools, questions: list[dict], *, tokenizer, param
 
 
 # ----------------------------------------------------------------------------- training
+def training_example(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Chat messages -> one SFT example: (prompt_ids + ids, mask with 0 over the prompt)."""
+    prompt_ids, ids, mask = render_conversation(tokenizer, messages)
+    return prompt_ids + ids, [0] * len(prompt_ids) + mask
+
+
 def first_turn(example: tuple[list[int], list[int]]) -> tuple[list[int], list[int]]:
     """An example cut after its first trained span: the prompt and the first assistant turn only.
 
@@ -302,10 +308,9 @@ def load_examples(path: str, tokenizer) -> list[tuple[list[int], list[int]]]:
             if not line.strip():
                 continue
             try:
-                p_ids, ids, mask = render_conversation(tokenizer, json.loads(line)["messages"])
+                examples.append(training_example(tokenizer, json.loads(line)["messages"]))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"{path}:{n}: not an SFT row with valid chat messages: {e}") from None
-            examples.append((p_ids + ids, [0] * len(p_ids) + mask))
     if not examples:
         raise ValueError(f"{path}: no SFT rows")
     return examples

@@ -46,7 +46,7 @@ from engine import HFEngine, SamplingParams
 from evaluate import f1_score
 from grpo import group_advantages, grpo_loss, nonzero_groups, token_logprobs
 from search_env import Tools, rollout, show_mask
-from sft import collate, first_turn, render_conversation, train_sft
+from sft import collate, first_turn, training_example, train_sft
 
 # The paper's recipe (PAPER.md §4, DeepResearcher's) for real models, and ours for the CPU toy run. Toy choices
 # (LOG.md): a first-turn SFT warm-up, then enough whole-trajectory steps for the tiny model to learn to read values
@@ -148,14 +148,15 @@ def setup_toy(args, d: Dist):
                 test=world.splits["test"][:args.eval_limit])
 
 
-def toy_sft_examples(env, args):
-    """Scripted-teacher trajectories on the toy train split, through the real environment (sft.py)."""
+def toy_sft_examples(env, args) -> tuple[list[tuple[list[int], list[int]]], dict]:
+    """Scripted-teacher trajectories on the toy train split, through the real environment (sft.py) -> (examples,
+    the teacher-data filter's counts)."""
     from sft import ToyTeacherEngine, make_teacher_data
-    questions = env["train"][:1500]
-    teacher = ToyTeacherEngine(env["tokenizer"], questions, premature_rate=0.6, wrong_search_rate=0.1, seed=args.seed)
-    rows, counts = make_teacher_data(teacher, env["tools"], questions, tokenizer=env["tokenizer"],
+    questions, tokenizer = env["train"][:1500], env["tokenizer"]
+    teacher = ToyTeacherEngine(tokenizer, questions, premature_rate=0.6, wrong_search_rate=0.1, seed=args.seed)
+    rows, counts = make_teacher_data(teacher, env["tools"], questions, tokenizer=tokenizer,
                                      params=SamplingParams(), system=env["system"], tool_names=env["tool_names"])
-    return rows, counts
+    return [training_example(tokenizer, r["messages"]) for r in rows], counts
 
 
 def setup_real(args, d: Dist):
@@ -362,9 +363,7 @@ def main(argv=None) -> dict:
     if args.stage in ("sft", "all") and not (args.resume and (sft_dir / "model").exists()):
         t0 = time.perf_counter()
         if args.model is None:
-            rows, counts = toy_sft_examples(env, args)
-            examples = [(p + ids, [0] * len(p) + m) for p, ids, m in
-                        (render_conversation(tokenizer, r["messages"]) for r in rows)]
+            examples, counts = toy_sft_examples(env, args)
             if d.rank == 0:
                 print(f"teacher data: {counts}", flush=True)
         else:

@@ -23,15 +23,14 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's flat modules
 import train  # noqa: E402
-from sft import first_turn, render_conversation, train_sft  # noqa: E402
+from sft import first_turn, train_sft  # noqa: E402
 
 
 def sft_seconds_per_step(steps: int) -> tuple[float, float]:
     args = train.parse_args([])
     env = train.setup_toy(args, train.Dist())
-    rows, _ = train.toy_sft_examples(env, args)
+    examples, _ = train.toy_sft_examples(env, args)
     tok = env["tokenizer"]
-    examples = [(p + ids, [0] * len(p) + m) for p, ids, m in (render_conversation(tok, r["messages"]) for r in rows)]
     out = []
     for data, batch in (([first_turn(e) for e in examples], 2 * args.sft_batch), (examples, args.sft_batch)):
         t0 = time.perf_counter()

@@ -67,7 +67,7 @@ def prepare(args) -> tuple[Path, Path]:
         return model_dir, corpus
     from retrievers import BM25Retriever                        # imports bm25s (lazily, on first search)
     from search_env import Tools
-    from sft import ToyTeacherEngine, make_teacher_data, render_conversation, train_sft
+    from sft import ToyTeacherEngine, make_teacher_data, train_sft, training_example
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     tokenizer = tw.build_tokenizer(world, cache_dir=root)
@@ -77,10 +77,7 @@ def prepare(args) -> tuple[Path, Path]:
     teacher = ToyTeacherEngine(tokenizer, questions, premature_rate=0.0, wrong_search_rate=0.1, seed=args.world_seed)
     rows, counts = make_teacher_data(teacher, tools, questions, tokenizer=tokenizer, params=SamplingParams(),
                                      system=tw.SYSTEM, tool_names=tw.TOOLS)
-    examples = []
-    for row in rows:
-        p_ids, ids, mask = render_conversation(tokenizer, row["messages"])
-        examples.append((p_ids + ids, [0] * len(p_ids) + mask))
+    examples = [training_example(tokenizer, row["messages"]) for row in rows]
     torch.manual_seed(args.world_seed)
     model = tw.build_tiny_model(tokenizer, seed=args.world_seed)
     losses = train_sft(model, examples, pad_id=tokenizer.pad_token_id, steps=args.sft_steps, batch_size=8,

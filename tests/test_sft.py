@@ -11,8 +11,8 @@ from atomic_thought import system_prompt
 from engine import SamplingParams
 from retrievers import BM25Retriever
 from search_env import Tools, rollout
-from sft import (ChatTeacherEngine, ToyTeacherEngine, collate, load_examples, make_teacher_data,
-                 render_conversation, sft_loss, train_sft)
+from sft import (ChatTeacherEngine, ToyTeacherEngine, collate, first_turn, load_examples, make_teacher_data,
+                 render_conversation, sft_loss, train_sft, training_example)
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +79,25 @@ def test_sft_loss_decreases_on_toy_teacher_data(env):
     world, tokenizer, _ = env
     rows, counts = teacher_rows(env, n=48, premature_rate=0.5)
     assert counts["kept"] == 48
-    examples = []
-    for r in rows:
-        p, ids, m = render_conversation(tokenizer, r["messages"])
-        examples.append((p + ids, [0] * len(p) + m))
+    examples = [training_example(tokenizer, r["messages"]) for r in rows]
     torch.manual_seed(0)
     model = tw.build_tiny_model(tokenizer)
     losses = train_sft(model, examples, pad_id=tokenizer.pad_token_id, steps=30, batch_size=8, lr=3e-3, log=None)
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:3]) / 3
+
+
+def test_first_turn_keeps_the_prompt_and_the_first_assistant_turn_only(env):
+    world, tokenizer, _ = env
+    rows, _ = teacher_rows(env, n=6, premature_rate=0.0)
+    for r in rows:
+        ids, mask = training_example(tokenizer, r["messages"])
+        cut_ids, cut_mask = first_turn((ids, mask))
+        assert ids[:len(cut_ids)] == cut_ids and mask[:len(cut_mask)] == cut_mask
+        assert cut_mask[-1] == 1 and mask[len(cut_mask)] == 0                    # a whole trained span, then stop
+        trained = tokenizer.decode([t for t, m in zip(cut_ids, cut_mask) if m])
+        assert trained.count("<tool_call>") == 1 and "<answer>" not in trained
+    with pytest.raises(ValueError):
+        first_turn(([1, 2], [0, 0]))
 
 
 def test_teacher_data_filter_counts(env):
