@@ -261,6 +261,7 @@ def sft_step(model, rows: list[tuple[list[int], list[int]]], *, pad_id: int, mic
     """
     device = next(model.parameters()).device
     total = 0.0
+    rows = sorted(rows, key=lambda r: len(r[0]))   # similar lengths share a micro-batch: less padding, same sum
     for start in range(0, len(rows), micro_batch):
         input_ids, attention_mask, loss_mask = (x.to(device) for x in collate(rows[start:start + micro_batch], pad_id))
         loss = sft_loss(model, input_ids, attention_mask, loss_mask, n_tokens=n_tokens)

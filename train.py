@@ -6,7 +6,7 @@ The whole pipeline of the paper (arXiv 2508.12800; PAPER.md §1, §4) in one loo
       ->  A = (R - mean_G R) / (std_G R + 1e-6)  ->  one loss-masked GRPO step (grpo.py)  ->  sync the engine
 
 Run it:
-    python train.py                                   # CPU, ~13 minutes: toy world -> SFT -> GRPO -> test F1
+    python train.py                                   # CPU, ~12 minutes: toy world -> SFT -> GRPO -> test F1
     python train.py --reward outcome                  # the same with F1 only (alpha0 = 0): the paper's ablation
     torchrun --nproc_per_node=8 train.py --model Qwen/Qwen2.5-7B-Instruct --data train.jsonl \\
         --sft-data sft.jsonl --retriever http://host:8000 --rrm-url http://judge:8001 --rrm-model Qwen/Qwen3-30B-A3B
