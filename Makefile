@@ -33,7 +33,6 @@ $(TEST_STAMP): $(RUNTIME_STAMP) requirements-test.txt
 	touch $@
 
 demo: $(RUNTIME_STAMP)
-	$(PY) toy_world.py
 	$(PY) train.py
 
 test: $(TEST_STAMP)

@@ -318,13 +318,16 @@ def load_examples(path: str, tokenizer) -> list[tuple[list[int], list[int]]]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import toy_world as tw       # make-data's defaults are the demo's teacher flaws
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("make-data", help="toy teacher trajectories in the toy world -> SFT jsonl")
     make.add_argument("--world-seed", type=int, default=0, help="toy world seed")
-    make.add_argument("--n", type=int, default=1200, help="number of train questions to run the teacher on")
-    make.add_argument("--premature-rate", type=float, default=0.5, help="teacher flaw: answer one hop early")
-    make.add_argument("--wrong-search-rate", type=float, default=0.1, help="teacher flaw: misspelt first search")
+    make.add_argument("--n", type=int, default=1500, help="number of train questions to run the teacher on")
+    make.add_argument("--premature-rate", type=float, default=tw.TEACHER_FLAWS["premature_rate"],
+                      help="teacher flaw: answer one hop early")
+    make.add_argument("--wrong-search-rate", type=float, default=tw.TEACHER_FLAWS["wrong_search_rate"],
+                      help="teacher flaw: misspelt first search")
     make.add_argument("--min-f1", type=float, default=0.0, help="keep trajectories with F1 >= this")
     make.add_argument("--out", required=True, help="output jsonl")
     train = commands.add_parser("train", help="fine-tune a model on SFT jsonl and save an HF checkpoint")
@@ -342,7 +345,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.command == "make-data":
-        import toy_world as tw
         from engine import SamplingParams
         from retrievers import BM25Retriever
         from search_env import Tools

@@ -20,9 +20,9 @@ Design, following the two prototypes in shared/notes/toy_world_feasibility.md:
    `mentor_city` is the hard type: the bridge is an unseen person of the same split, so its second hop
    exists only in the corpus, differs between splits, and needs a three-token name copied from a tool
    response. The subject's own birth city is one search away and a tempting wrong answer.
-4. Distractors: every person shares syllables with many others (BM25 must match the full name), extra
-   people who are never asked about, and "travel" passages that put a person's name next to a city
-   that is not their birth city.
+4. Distractors: every person shares syllables with many others (BM25 must match the full name; no two people
+   share all three, in any order), extra people who are never asked about, and "travel" passages that put a
+   person's name next to a city that is not their birth city.
 
 The scripted teacher (`teacher_turns`) writes gold trajectories in the atomic-thought format (PAPER.md §2)
 and is imperfect on purpose (`premature_rate`: answer before the last hop; `wrong_search_rate`: search
@@ -30,7 +30,9 @@ the wrong name first), so RL has something to improve. sft.py runs it through th
 Two choices make its text learnable by a tiny model in minutes (LOG.md): every name it copies follows a
 space, so it is the same token everywhere (queries are "mentor of Ka Lo Mi", not "Ka Lo Mi", whose first
 syllable after a quote would be a different token); and its observations quote the retrieved sentence
-("Ka Lo Mi was born in Savora.") rather than rephrase it, so reading a value is copying it.
+("Ka Lo Mi was born in Savora.") rather than rephrase it, so reading a value is copying it. And the text is
+short, because the demo's time is proportional to its tokens: one result per search, a one-line system prompt,
+and the tool call's fixed JSON start as one token (`TOOL_CALL_PREFIX`).
 
 What this world does not model: paraphrase, ambiguity, noisy or contradictory sources, long documents.
 
@@ -77,14 +79,18 @@ CHAT_TEMPLATE = (
 TOOLS = ("web_search",)  # the toy world offers search only: its passages have no web addresses to browse
 # The toy system prompt (our choice): a tiny model cannot read JSON schemas, and the paper's prompt says nothing
 # about atoms either (the format comes from SFT). Short, because every prompt token is paid for in every rollout.
-SYSTEM = ("Answer the question by searching. In each turn, reason in <think>, then either call web_search in "
-          "<tool_call> or give a short answer in <answer>.")
-TOPK = 3                 # results per search (our choice: short tool responses for a tiny model)
+SYSTEM = "Search, then answer: reason in <think>, then call web_search in <tool_call> or answer in <answer>."
+# The fixed start of every tool call's JSON (atomic_thought.render_turn), one token of the toy tokenizer: the
+# byte-level pre-tokenizer would split it into ~15 tokens that every turn would pay for in training and sampling.
+TOOL_CALL_PREFIX = '{"name": "web_search", "arguments": {"query": "'
+# Results per search (our choice). With one, the tiny model learnt to read values out of tool responses after
+# 300-500 whole-trajectory SFT steps on three seeds; with two, after 400-800 on two (LOG.md 2026-11-26).
+TOPK = 1
 # Episode limits of the toy world (paper: 10 turns, 2,000 new tokens, 32k context): a teacher episode is at most
-# 4 turns of ~80 tokens and ~600 tokens in all. train.py and evaluate.py both use these.
+# 4 turns of ~65 tokens and ~450 tokens in all (250 on average). train.py and evaluate.py both use these.
 LIMITS = dict(max_turns=4, max_new_tokens=96, max_context=1024)
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"
-TEXT_VERSION = 2         # bump when the corpus or teacher text changes: the tokenizer cache is keyed on it
+TEXT_VERSION = 4         # bump when the corpus or teacher text changes: the tokenizer cache is keyed on it
 
 
 @dataclass(frozen=True)
@@ -132,10 +138,13 @@ def build_world(seed: int = 0, config: WorldConfig = WorldConfig()) -> World:
     rng = random.Random(seed)
     city_country = {c: COUNTRIES[i % len(COUNTRIES)] for i, c in enumerate(CITIES)}   # 3 cities per country
     n_people = config.n_train + config.n_dev + config.n_test + config.n_extra_people + len(COMPANIES)
-    names: set[str] = set()
-    while len(names) < n_people:                       # 40^3 = 64,000 possible names
-        names.add(" ".join(rng.sample(SYLLABLES, 3)))
-    names_list = sorted(names)
+    # No two names share a syllable set: BM25 is bag-of-words, so "Gi Du Le" and "Gi Le Du" would tie for the
+    # top result, and with one result per search the agent would read the wrong person's facts.
+    names: dict[frozenset, str] = {}
+    while len(names) < n_people:                       # C(40, 3) = 9,880 syllable sets
+        syllables = rng.sample(SYLLABLES, 3)
+        names.setdefault(frozenset(syllables), " ".join(syllables))
+    names_list = sorted(names.values())
     rng.shuffle(names_list)
     founders, rest = names_list[:len(COMPANIES)], names_list[len(COMPANIES):]
     company_founder = dict(zip(COMPANIES, founders))
@@ -207,6 +216,13 @@ def search_query(entity: str, relation: str) -> str:
     learn to map to (the first syllable was the one it got wrong, LOG.md).
     """
     return f"{relation} of {entity}"
+
+
+# The teacher's flaws for the demo's SFT data (train.py, `sft.py make-data`). Premature answers at 0.7 make greedy
+# decoding after SFT stop after one hop on every seed (at 0.6 the founder type came out of SFT anywhere from 0 to 92
+# F1), while sampling at T = 0.7 still goes on to the second hop often enough for GRPO to find it (at 0.8 one of two
+# seeds sampled it in ~5% of 2-hop episodes and GRPO learnt nothing). LOG.md 2026-11-26 (second session).
+TEACHER_FLAWS = dict(premature_rate=0.7, wrong_search_rate=0.1)
 
 
 def teacher_turns(question: dict, rng: random.Random, premature_rate: float = 0.0,
@@ -332,9 +348,9 @@ def render_teacher_text(question: dict, turns: list[Turn]) -> str:
 def build_tokenizer(world: World, vocab_size: int = 1024, cache_dir: str | os.PathLike | None = None):
     """A byte-level BPE tokenizer trained on the world's text, as a transformers tokenizer with a chat template.
 
-    The grammar's tags are added as single non-special tokens, so the model emits a tag in one step and
-    decoding keeps it. Every name syllable must come out as one token with and without a leading space
-    (the copy-ability requirement above); that is checked, not assumed. Cached under `cache_dir`
+    The grammar's tags and `TOOL_CALL_PREFIX` are added as single non-special tokens, so the model emits each in
+    one step and decoding keeps it. Every name syllable must come out as one token with and without a leading
+    space (the copy-ability requirement above); that is checked, not assumed. Cached under `cache_dir`
     (default data/toy-<world key>/tokenizer-<vocab_size>) and loaded from there on the next call.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -351,16 +367,17 @@ def build_tokenizer(world: World, vocab_size: int = 1024, cache_dir: str | os.Pa
         texts.append(render_teacher_text(q, teacher_turns(q, rng, premature_rate=0.5, wrong_search_rate=0.3)))
     # Every syllable, alone and after a space, often enough to be merged whatever the world's size.
     texts += ["\n".join(SYLLABLES) + "\n" + " ".join(SYLLABLES)] * 50
-    for tag in FORMAT_TOKENS:                     # tags become added tokens: keep them out of the merges
+    added = FORMAT_TOKENS + (TOOL_CALL_PREFIX,)
+    for tag in added:                             # added tokens below: keep them out of the merges
         texts = [t.replace(tag, " ") for t in texts]
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(FORMAT_TOKENS), special_tokens=list(CHAT_TOKENS),
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(added), special_tokens=list(CHAT_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in FORMAT_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                         additional_special_tokens=["<|im_start|>"])
     tokenizer.chat_template = CHAT_TEMPLATE

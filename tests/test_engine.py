@@ -67,7 +67,8 @@ def test_vllm_and_hf_give_identical_greedy_rollouts_before_and_after_weight_relo
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     r = json.loads(lines[0][len("RESULT "):])
-    strip = lambda runs: [run[:3] for run in runs]                       # ids, mask, finish
+    def strip(runs):
+        return [run[:3] for run in runs]                                 # ids, mask, finish
     assert strip(r["hf"]) == strip(r["vllm"])
     for a, b in zip(r["hf"], r["vllm"]):                                 # sampler log-probs agree too
         assert max((abs(x - y) for x, y in zip(a[3], b[3])), default=0) < 1e-2

@@ -65,6 +65,19 @@ def test_corpus_has_confusable_distractors(world):
     assert len(world.corpus) == len({d["contents"] for d in world.corpus})
 
 
+def test_one_search_result_is_enough_the_teachers_query_ranks_its_gold_passage_first(world, tmp_path):
+    # The toy world gives one result per search (TOPK): a query "<relation> of <name>" must put the gold passage
+    # first, despite the travel passages and the names that share syllables (or would, in another order).
+    from retrievers import BM25Retriever
+    assert tw.TOPK == 1
+    assert len({frozenset(name.split()) for name in world.people}) == len(world.people)
+    tw.write_jsonl(world.corpus, tmp_path / "corpus.jsonl")
+    hops = [hop for q in world.splits["test"] for hop in q["metadata"]["hops"]]
+    found = BM25Retriever(tmp_path / "corpus.jsonl").search([tw.search_query(h["search"], h["relation"]) for h in hops],
+                                                            k=tw.TOPK)
+    assert [docs[0].id for docs in found] == [h["doc_id"] for h in hops]
+
+
 def test_tokenizer_round_trip_save_load_and_single_token_units(world, tokenizer, tmp_path):
     q = world.splits["test"][2]
     turns = tw.teacher_turns(q, random.Random(0))
@@ -76,8 +89,17 @@ def test_tokenizer_round_trip_save_load_and_single_token_units(world, tokenizer,
     from transformers import AutoTokenizer
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert loaded(text)["input_ids"] == ids and loaded.chat_template == tokenizer.chat_template
-    for tag in tw.FORMAT_TOKENS + tw.CHAT_TOKENS:
+    for tag in tw.FORMAT_TOKENS + tw.CHAT_TOKENS + (tw.TOOL_CALL_PREFIX,):
         assert len(tokenizer(tag)["input_ids"]) == 1, tag
+    # Every rendered tool call starts with the one-token prefix, and the name after it keeps its own tokens.
+    call = next(t for t in turns if t.tool_call)
+    rendered = render_turn(call)
+    assert tw.TOOL_CALL_PREFIX in rendered
+    prefix_id = tokenizer.convert_tokens_to_ids(tw.TOOL_CALL_PREFIX)
+    call_ids = tokenizer(rendered)["input_ids"]
+    assert prefix_id in call_ids and tokenizer.decode(call_ids) == rendered
+    name = tokenizer(" " + q["metadata"]["subject"])["input_ids"]
+    assert any(call_ids[i:i + len(name)] == name for i in range(len(call_ids)))
     for syllable in tw.SYLLABLES:
         assert len(tokenizer(" " + syllable)["input_ids"]) == 1 and len(tokenizer(syllable)["input_ids"]) == 1
     # The grammar's tags survive decoding with special tokens skipped; chat markers do not.
