@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("make-data", help="toy teacher trajectories in the toy world -> SFT jsonl")
     make.add_argument("--world-seed", type=int, default=0, help="toy world seed")
-    make.add_argument("--n", type=int, default=1500, help="number of train questions to run the teacher on")
+    make.add_argument("--n", type=int, default=tw.SFT_QUESTIONS, help="number of train questions to run the teacher on")
     make.add_argument("--premature-rate", type=float, default=tw.TEACHER_FLAWS["premature_rate"],
                       help="teacher flaw: answer one hop early")
     make.add_argument("--wrong-search-rate", type=float, default=tw.TEACHER_FLAWS["wrong_search_rate"],

@@ -223,6 +223,7 @@ def search_query(entity: str, relation: str) -> str:
 # F1), while sampling at T = 0.7 still goes on to the second hop often enough for GRPO to find it (at 0.8 one of two
 # seeds sampled it in ~5% of 2-hop episodes and GRPO learnt nothing). LOG.md 2026-11-26 (second session).
 TEACHER_FLAWS = dict(premature_rate=0.7, wrong_search_rate=0.1)
+SFT_QUESTIONS = 1500     # train-split questions the demo's teacher answers (GRPO samples from all of them)
 
 
 def teacher_turns(question: dict, rng: random.Random, premature_rate: float = 0.0,

@@ -154,7 +154,7 @@ def toy_sft_examples(env, args) -> tuple[list[tuple[list[int], list[int]]], dict
     """Scripted-teacher trajectories on the toy train split, through the real environment (sft.py) -> (examples,
     the teacher-data filter's counts)."""
     from sft import ToyTeacherEngine, make_teacher_data
-    questions, tokenizer = env["train"][:1500], env["tokenizer"]
+    questions, tokenizer = env["train"][:tw.SFT_QUESTIONS], env["tokenizer"]
     teacher = ToyTeacherEngine(tokenizer, questions, **tw.TEACHER_FLAWS, seed=args.seed)
     rows, counts = make_teacher_data(teacher, env["tools"], questions, tokenizer=tokenizer,
                                      params=SamplingParams(), system=env["system"], tool_names=env["tool_names"])
