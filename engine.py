@@ -19,7 +19,7 @@ Rules both follow (DESIGN.md "Rules that keep it correct"):
 
 What is not modelled: top-k sampling; beam search; stop strings that end in the middle of a token
 (the whole token is kept, so its text can run past the stop string: never the case for the toy
-tokenizer, whose tags are single tokens, nor for Qwen2.5's `</tool_call>` token).
+tokenizer, whose tag tokens end at the tag, nor for Qwen2.5's `</tool_call>` token).
 """
 from __future__ import annotations
 

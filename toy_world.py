@@ -64,9 +64,15 @@ SPLITS = ("train", "dev", "test")
 # Chat-format tokens: special (skipped by decode(skip_special_tokens=True)); end of turn doubles as EOS.
 CHAT_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # The grammar's tags as single, non-special tokens (they must survive decoding: parse_turn reads them).
-FORMAT_TOKENS = tuple(f"<{c}{t}>" for t in ("think", "tool_call", "tool_response", "answer",
-                                            "OBSERVATION", "HYPOTHESIS_TESTING", "RISK_ANALYSIS", "ACTION")
+ATOM_TAGS = ("OBSERVATION", "HYPOTHESIS_TESTING", "RISK_ANALYSIS", "ACTION")
+FORMAT_TOKENS = tuple(f"<{c}{t}>" for t in ("think", "tool_call", "tool_response", "answer") + ATOM_TAGS
                       for c in ("", "/"))
+# The same tags with the whitespace the renderers put next to them (atomic_thought.render_think / render_turn,
+# the chat template), also one token each: a real BPE merges such whitespace, but added tokens cut it off into
+# tokens of their own (" " and "\n" were a fifth of every sampled turn). Matching is leftmost-longest, so
+# " </ACTION>\n" wins over "</ACTION>". None has text after a stop string, so a stop still ends on a token.
+LAYOUT_TOKENS = (("<think>\n", "</think>\n", "<tool_call>\n", "\n</tool_call>", "<tool_response>\n",
+                  "\n</tool_response>", " </answer>") + tuple(f" </{t}>\n" for t in ATOM_TAGS))
 # A Qwen2.5-style chat template (system/user/assistant, tool results as a user turn in <tool_response>).
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
@@ -79,7 +85,11 @@ CHAT_TEMPLATE = (
 TOOLS = ("web_search",)  # the toy world offers search only: its passages have no web addresses to browse
 # The toy system prompt (our choice): a tiny model cannot read JSON schemas, and the paper's prompt says nothing
 # about atoms either (the format comes from SFT). Short, because every prompt token is paid for in every rollout.
-SYSTEM = "Search, then answer: reason in <think>, then call web_search in <tool_call> or answer in <answer>."
+# It avoids the passages' relation words ("born in", "works for"): the model reads a value by finding the word
+# before it in the search result, and "reason in <think>" gave it three other places to look. With "in", one seed
+# of three had not learnt to read by SFT step 600; with "within", five of five had (LOG.md 2026-11-26, third).
+SYSTEM = ("Search, then answer: reason within <think>, then call web_search within <tool_call> "
+          "or answer within <answer>.")
 # The fixed start of every tool call's JSON (atomic_thought.render_turn), one token of the toy tokenizer: the
 # byte-level pre-tokenizer would split it into ~15 tokens that every turn would pay for in training and sampling.
 TOOL_CALL_PREFIX = '{"name": "web_search", "arguments": {"query": "'
@@ -87,10 +97,10 @@ TOOL_CALL_PREFIX = '{"name": "web_search", "arguments": {"query": "'
 # 300-500 whole-trajectory SFT steps on three seeds; with two, after 400-800 on two (LOG.md 2026-11-26).
 TOPK = 1
 # Episode limits of the toy world (paper: 10 turns, 2,000 new tokens, 32k context): a teacher episode is at most
-# 4 turns of ~65 tokens and ~450 tokens in all (250 on average). train.py and evaluate.py both use these.
+# 4 turns of ~50 tokens and ~370 tokens in all (200 on average). train.py and evaluate.py both use these.
 LIMITS = dict(max_turns=4, max_new_tokens=96, max_context=1024)
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"
-TEXT_VERSION = 4         # bump when the corpus or teacher text changes: the tokenizer cache is keyed on it
+TEXT_VERSION = 7         # bump when the corpus or teacher text changes: the tokenizer cache is keyed on it
 
 
 @dataclass(frozen=True)
@@ -368,9 +378,10 @@ def build_tokenizer(world: World, vocab_size: int = 1024, cache_dir: str | os.Pa
         texts.append(render_teacher_text(q, teacher_turns(q, rng, premature_rate=0.5, wrong_search_rate=0.3)))
     # Every syllable, alone and after a space, often enough to be merged whatever the world's size.
     texts += ["\n".join(SYLLABLES) + "\n" + " ".join(SYLLABLES)] * 50
-    added = FORMAT_TOKENS + (TOOL_CALL_PREFIX,)
-    for tag in added:                             # added tokens below: keep them out of the merges
-        texts = [t.replace(tag, " ") for t in texts]
+    texts += ["system\nuser\nassistant\n"] * 50    # the chat template's role names: one token each
+    added = sorted(FORMAT_TOKENS + LAYOUT_TOKENS + (TOOL_CALL_PREFIX,), key=len, reverse=True)
+    for tag in added:      # added tokens below: keep them out of the merges. The text after an added token is
+        texts = [t.replace(tag, "\n") for t in texts]   # pre-tokenized on its own, like the text after a newline
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

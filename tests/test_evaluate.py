@@ -259,7 +259,6 @@ def test_records_of_teacher_rollouts(toy_dir):
     records = evaluate_questions(engine, tools, questions, tokenizer=tokenizer, params=SamplingParams(temperature=0),
                                  max_turns=6, max_context=2048, tool_names=tw.TOOLS, batch_size=3,
                                  rrm=ToyOracleRRM())
-    close = tokenizer.convert_tokens_to_ids("</think>")
     for r, q in zip(records[:3], questions):
         assert (r["finish"], r["f1"], r["em"], r["answer"]) == ("answer", 1.0, 1.0, q["golden_answers"][0])
         assert r["tool_calls"] == len(r["turns"]) - 1 == len(q["metadata"]["hops"])
@@ -278,7 +277,9 @@ def test_records_of_teacher_rollouts(toy_dir):
     for r, t in zip(records, trajs):
         runs = sampled_runs(t.ids, t.mask)
         assert r["response_tokens"] == sum(t.mask) == sum(map(len, runs))
-        assert r["think_tokens"] == sum(run.index(close) if close in run else len(run) for run in runs)
+        # tokens before the first one holding "</think>" (in the toy tokenizer that token is "</think>\n")
+        assert r["think_tokens"] == sum(next((i for i, tok in enumerate(run) if "</think>" in tokenizer.decode([tok])),
+                                             len(run)) for run in runs)
     assert 0 < records[0]["think_tokens"] < records[0]["response_tokens"]
     summary = aggregate(records)["test"]
     assert summary["atoms_per_turn"] == 4.0 and summary["finish"] == {"answer": 3, "format_error": 1}

@@ -8,6 +8,8 @@ import torch
 import toy_world as tw
 from atomic_thought import THINK_PREFIX, parse_turn, render_turn
 
+ROLES = ("system", "user", "assistant")   # the chat template's role names
+
 
 @pytest.fixture(scope="module")
 def world():
@@ -89,8 +91,13 @@ def test_tokenizer_round_trip_save_load_and_single_token_units(world, tokenizer,
     from transformers import AutoTokenizer
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert loaded(text)["input_ids"] == ids and loaded.chat_template == tokenizer.chat_template
-    for tag in tw.FORMAT_TOKENS + tw.CHAT_TOKENS + (tw.TOOL_CALL_PREFIX,):
+    for tag in tw.FORMAT_TOKENS + tw.LAYOUT_TOKENS + tw.CHAT_TOKENS + (tw.TOOL_CALL_PREFIX,) + ROLES:
         assert len(tokenizer(tag)["input_ids"]) == 1, tag
+    # The assistant's text spends no token on whitespace alone: it rides with the tags (LAYOUT_TOKENS).
+    for m in messages:
+        if m["role"] == "assistant":
+            pieces = tokenizer.batch_decode([[i] for i in tokenizer(m["content"])["input_ids"]])
+            assert not [p for p in pieces if not p.strip()], (m["content"], pieces)
     # Every rendered tool call starts with the one-token prefix, and the name after it keeps its own tokens.
     call = next(t for t in turns if t.tool_call)
     rendered = render_turn(call)
