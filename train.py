@@ -50,11 +50,11 @@ from sft import collate, first_turn, training_example, train_sft
 
 # The paper's recipe (PAPER.md §4, DeepResearcher's) for real models, and ours for the CPU toy run. Toy choices
 # (LOG.md): a first-turn SFT warm-up, then enough whole-trajectory steps for the tiny model to learn to read values
-# out of tool responses (with one search result it happens after ~300-500 steps, depending on the seed; stopping
+# out of tool responses (with one search result it happens after ~300-530 steps, depending on the seed; stopping
 # SFT right there left reading too unreliable for GRPO); sampling at T = 0.7, because at T = 1 its samples corrupt
 # copied names and GRPO learns nothing; lr 3e-4 (5e-4 and 1e-3 collapsed); 20 GRPO steps of 12 questions (30 steps
 # of 8 let one run fall apart late, 20 of 8 left one outcome-only run without the second search; 16 questions per
-# step were as good but over the 5-minute budget).
+# step were as good but left too little of the 5-minute budget).
 PAPER = dict(sft_steps=1000, sft_warmup_steps=0, sft_lr=1e-5, sft_batch=64, grpo_steps=300, lr=1e-6,
              prompts_per_step=256, group_size=16, max_turns=10, max_new_tokens=2000, max_context=32768,
              temperature=1.0, kl_beta=0.001, micro_batch_tokens=8192, eval_limit=512, save_every=50)
