@@ -359,9 +359,10 @@ def render_teacher_text(question: dict, turns: list[Turn]) -> str:
 def build_tokenizer(world: World, vocab_size: int = 1024, cache_dir: str | os.PathLike | None = None):
     """A byte-level BPE tokenizer trained on the world's text, as a transformers tokenizer with a chat template.
 
-    The grammar's tags and `TOOL_CALL_PREFIX` are added as single non-special tokens, so the model emits each in
-    one step and decoding keeps it. Every name syllable must come out as one token with and without a leading
-    space (the copy-ability requirement above); that is checked, not assumed. Cached under `cache_dir`
+    The grammar's tags (bare and with their whitespace, `LAYOUT_TOKENS`) and `TOOL_CALL_PREFIX` are added as single
+    non-special tokens, so the model emits each in one step and decoding keeps it. Every name syllable must come
+    out as one token with and without a leading space (the copy-ability requirement above); that is checked, not
+    assumed. Cached under `cache_dir`
     (default data/toy-<world key>/tokenizer-<vocab_size>) and loaded from there on the next call.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
