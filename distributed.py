@@ -34,11 +34,15 @@ class Dist:
             torch.cuda.set_device(self.device)
 
     def sum(self, value: float) -> float:
+        return self.sums([value])[0] if self.on else value
+
+    def sums(self, values: list[float]) -> list[float]:
+        """Element-wise sums over the ranks, in one all-reduce (every rank passes the same number of values)."""
         if not self.on:
-            return value
-        t = torch.tensor([float(value)], dtype=torch.float64)
+            return list(values)
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
         dist.all_reduce(t)
-        return t.item()
+        return t.tolist()
 
     def max(self, value: int) -> int:
         if not self.on:
@@ -66,6 +70,15 @@ def reduce_gradients(model, d: Dist) -> None:
         for p in model.parameters():
             if p.grad is not None:
                 dist.all_reduce(p.grad)
+
+
+def sft_collectives(model, d: Dist) -> dict:
+    """sft.train_sft's keyword arguments for this layout: the step's token count summed over ranks, and the
+    gradients summed too: FSDP averages them (so each rank's loss is scaled by the world size), the CPU path sums
+    them by hand. Without it each CPU rank would train on its own rows and the ranks would drift apart."""
+    fsdp = d.on and d.cuda
+    return dict(rank=d.rank, all_reduce=dist.all_reduce if d.on else None, loss_scale=d.world if fsdp else 1,
+                reduce_gradients=lambda: reduce_gradients(model, d))
 
 
 def named_full_tensors(model):

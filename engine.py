@@ -46,8 +46,16 @@ class Completion:
     """One generated turn. `logprobs[i]` is the sampler's log-prob of `token_ids[i]`."""
     token_ids: list[int]
     logprobs: list[float]
-    finish_reason: str              # "stop" (a stop string), "eos", or "length"
+    finish_reason: str              # "stop" (a stop string), "eos", "length", or "error"
     text: str                       # decoded token_ids, special tokens (EOS) left out
+    error: str | None = None        # why no turn was generated (finish_reason "error": a remote teacher failed)
+
+
+def model_context(model_path: str) -> int | None:
+    """The positions a model was built for (its config's max_position_embeddings), or None when it says none:
+    the longest context a trajectory may have (vLLM refuses a longer max_model_len)."""
+    from transformers import AutoConfig
+    return getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
 
 
 def _cut_at_stop(token_ids: list[int], pieces: list[str], stop: tuple[str, ...], eos_ids: set[int]):
@@ -189,3 +197,9 @@ class VLLMEngine:
             # tests/test_train.py). Elsewhere the call is a no-op for unquantized weights.
             model.lm_head.quant_method.process_weights_after_loading(model.lm_head)
         self.llm.reset_prefix_cache()   # cached KV blocks were computed by the old weights (vllm#9744)
+
+    def close(self) -> None:
+        """Shut the engine down now. Under torchrun this must come before `destroy_process_group`: vLLM's own
+        shutdown, otherwise run at exit, destroys its process groups and raises once the default one is gone.
+        It destroys the default group too (check `torch.distributed.is_initialized()` afterwards)."""
+        self.llm.llm_engine.engine_core.shutdown()

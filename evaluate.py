@@ -57,11 +57,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import toy_world as tw
-from atomic_thought import ALL_TOOLS
 from qa_data import load_benchmark, load_questions, sample_rows, warn_bad_rows
 from report import markdown_stats, markdown_table1, write_report
-from retrievers import QueryCache, SearchError, http_session, post_json
-from search_env import Tools, rollout
+from retrievers import SearchError, http_session, post_json
+from search_env import PAPER_LIMITS, make_tools, rollout
 
 PAPER_BENCHMARKS = ("nq", "triviaqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle", "popqa")
 PAPER_SAMPLE = 512          # questions per benchmark (PAPER.md §5)
@@ -299,25 +298,13 @@ def load_records(path: str | os.PathLike) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- the run
-def make_retriever(spec: str):
-    """(retriever, tool names) from "bm25:CORPUS", "http(s)://server" or "serper" (web pages: browse too)."""
-    from retrievers import BM25Retriever, HTTPRetriever, SerperRetriever
-    if spec == "serper":
-        return SerperRetriever(), ALL_TOOLS
-    if spec.startswith("bm25:"):
-        return BM25Retriever(spec[len("bm25:"):]), ("web_search",)
-    if re.match(r"https?://", spec):
-        return HTTPRetriever(spec), ("web_search",)
-    raise ValueError(f"--retriever must be bm25:CORPUS, an http(s):// retrieval server or serper, got {spec!r}")
-
-
 def build_engine(model_path: str, kind: str, max_context: int, seed: int):
     """(engine, tokenizer, max_context). auto = vLLM when installed and a GPU is present (our choice: on CPU
     vLLM's start-up costs more than a small evaluation), else HF."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from engine import HFEngine, VLLMEngine
-    positions = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from engine import HFEngine, VLLMEngine, model_context
+    positions = model_context(model_path)
     max_context, cuda = min(max_context, positions or max_context), torch.cuda.is_available()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if kind == "auto":
@@ -363,6 +350,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # agent and tools: the training values (PAPER.md §4)
     p.add_argument("--retriever", help="bm25:CORPUS | http(s)://retrieval-server | serper ($SERPER_API_KEY)")
     p.add_argument("--query-cache", help="sqlite file caching search results (7 days), e.g. for serper")
+    p.add_argument("--reader-url", help="OpenAI-compatible endpoint of the page reader of browse_webpage (serper)")
+    p.add_argument("--reader-model", help="the page reader's model name at --reader-url")
     p.add_argument("--topk", type=int, help="results per search (default 10, the paper's; --toy: the toy's)")
     p.add_argument("--max-turns", type=int, help="turn limit (default 10; --toy: 4, as train.py's toy run)")
     p.add_argument("--max-new-tokens", type=int, help="new tokens per turn (default 2000; --toy: 96)")
@@ -389,8 +378,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for key, value in tw.LIMITS.items():
             setattr(args, key, getattr(args, key) or value)
     args.benchmarks = list(dict.fromkeys((args.benchmarks or ",".join(PAPER_BENCHMARKS)).split(",")))
-    args.topk, args.max_turns, args.max_new_tokens = args.topk or 10, args.max_turns or 10, args.max_new_tokens or 2000
-    args.max_context = args.max_context or 32768
+    args.topk = args.topk or 10
+    for key, value in PAPER_LIMITS.items():
+        setattr(args, key, getattr(args, key) or value)
     if not args.model and (not args.make_train_data or args.filter_k):
         p.error("--model is required (or --toy)")
     if args.limit is not None and args.limit < 1:
@@ -436,9 +426,8 @@ def main(argv: list[str] | None = None) -> None:
         picked = sample_rows(rows, args.limit or PAPER_SAMPLE, args.seed, name)
         data[name] = {"available": len(rows), "evaluated": len(picked), "bad_rows": len(bad)}
         questions += [{**q, "benchmark": name, "index": len(questions) + i} for i, q in enumerate(picked)]
-    retriever, tool_names = make_retriever(args.retriever)
-    tools = Tools(retriever, topk=args.topk, tokenizer=tokenizer,
-                  cache=QueryCache(args.query_cache) if args.query_cache else None)
+    tools, tool_names = make_tools(args.retriever, tokenizer=tokenizer, topk=args.topk, query_cache=args.query_cache,
+                                   reader_url=args.reader_url, reader_model=args.reader_model)
     rrm = None
     if args.rrm_url:
         from rrm_reward import HTTPJudgeRRM, ToyOracleRRM
@@ -458,7 +447,10 @@ def main(argv: list[str] | None = None) -> None:
         dist.all_gather_object(gathered, (records, stats), group=gloo)
         records = sorted((r for part, _ in gathered for r in part), key=lambda r: r["index"])
         stats = sum((s for _, s in gathered), Counter())
-        dist.destroy_process_group()
+        if hasattr(engine, "close"):
+            engine.close()                      # before the groups go (engine.VLLMEngine.close)
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if rank != 0:
         return
     summaries = aggregate(records)

@@ -14,7 +14,8 @@ file, so both accept the same data and reject the same bad rows.
   (a missing file, the hub unreachable), ValueError for no usable rows or a bad mix spec.
 - `sample_rows`: the paper's 512 questions per benchmark (all of Bamboogle's 125) are drawn without replacement by
   an RNG seeded with (benchmark name, seed), kept in file order, so a run is reproducible.
-- `load_questions(spec_or_paths, limit=None, seed=0) -> rows`: training data, jsonl paths or a hub mix such as
+- `load_questions(spec_or_paths, limit=None, seed=0) -> rows`: training or held-out questions (train.py --eval-data,
+  with `limit_per_benchmark`), each tagged with its benchmark; jsonl paths or a hub mix such as
   "hub:nq=1,triviaqa=1,hotpotqa=3,2wikimultihopqa=3" (the paper's 1:1:3:3, train splits, proportions kept exactly by
   largest-remainder rounding; without a limit, the largest total the sources allow). Write the result with
   `toy_world.write_jsonl` (or `python evaluate.py --make-train-data SPEC --out DIR`) to rerun offline.
@@ -154,10 +155,13 @@ def mix_counts(available: dict[str, int], weights: dict[str, float], total: int 
     return counts
 
 
-def load_questions(spec_or_paths: str | list[str], *, limit: int | None = None, seed: int = 0) -> list[dict]:
-    """Training questions: "hub:nq=1,triviaqa=1,hotpotqa=3,2wikimultihopqa=3" (the hub's train splits in these
-    proportions, shuffled, each row tagged with its `benchmark`) or jsonl paths (a list, or one comma-separated
-    string). `limit` = total number of questions, drawn with `seed`. Bad rows are warned about and skipped."""
+def load_questions(spec_or_paths: str | list[str], *, limit: int | None = None, seed: int = 0,
+                   limit_per_benchmark: int | None = None) -> list[dict]:
+    """Training or held-out questions: "hub:nq=1,triviaqa=1,hotpotqa=3,2wikimultihopqa=3" (the hub's train splits in
+    these proportions, shuffled) or jsonl paths (a list, or one comma-separated string). Each row is tagged with its
+    `benchmark` (the hub name, or the file's stem unless the row names one). `limit` = total number of questions,
+    `limit_per_benchmark` = at most this many of each benchmark, both drawn with `seed`. Bad rows are warned about
+    and skipped."""
     if isinstance(spec_or_paths, str) and spec_or_paths.startswith("hub:"):
         weights = parse_mix(spec_or_paths[len("hub:"):])
         loaded = {}
@@ -168,16 +172,22 @@ def load_questions(spec_or_paths: str | list[str], *, limit: int | None = None, 
         out = [{**row, "benchmark": name} for name, rows in loaded.items()
                for row in sample_rows(rows, counts[name], seed, name)]
         random.Random(seed).shuffle(out)
-        return out
-    paths = spec_or_paths.split(",") if isinstance(spec_or_paths, str) else list(spec_or_paths)
-    out = []
-    for path in paths:
-        rows, bad = load_jsonl_questions(path)
-        warn_bad_rows(bad)
-        out += rows
-    if not out:
-        raise ValueError(f"no usable questions in {paths}")
-    return sample_rows(out, limit, seed, "train")
+    else:
+        paths = spec_or_paths.split(",") if isinstance(spec_or_paths, str) else list(spec_or_paths)
+        out = []
+        for path in paths:
+            rows, bad = load_jsonl_questions(path)
+            warn_bad_rows(bad)
+            out += [{**row, "benchmark": row.get("benchmark") or Path(path).stem} for row in rows]
+        if not out:
+            raise ValueError(f"no usable questions in {paths}")
+        out = sample_rows(out, limit, seed, "train")
+    if limit_per_benchmark is not None:
+        names = list(dict.fromkeys(row["benchmark"] for row in out))
+        keep = {id(row) for name in names
+                for row in sample_rows([r for r in out if r["benchmark"] == name], limit_per_benchmark, seed, name)}
+        out = [row for row in out if id(row) in keep]
+    return out
 
 
 if __name__ == "__main__":

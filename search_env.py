@@ -63,8 +63,8 @@ class Trajectory:
     tool_responses: list[str] = field(default_factory=list)  # the text returned for each tool call
     answer: str | None = None                               # the final <answer>, None if never given
     n_tool_calls: int = 0
-    finish: str = ""                                        # answer | max_turns | length | format_error
-    format_error: str | None = None                         # the FormatError message when finish == format_error
+    finish: str = ""                            # answer | max_turns | length | format_error | engine_error
+    format_error: str | None = None             # what was wrong when finish is format_error or engine_error
     text: str = ""                                          # decode(prompt_ids + ids), for viewing
     metadata: dict = field(default_factory=dict)            # the question's metadata (e.g. toy gold chain)
 
@@ -356,7 +356,31 @@ class Tools:
 
 
 
+def make_tools(spec: str, *, tokenizer, topk: int = 10, query_cache: str | None = None, reader_url: str | None = None,
+               reader_model: str | None = None) -> tuple[Tools, tuple[str, ...]]:
+    """(Tools, tool names) of a real run from its `--retriever` spec, the same for teacher data, training and
+    evaluation: "bm25:CORPUS" or "http(s)://retrieval-server" (passages without pages: web_search alone) or
+    "serper" (web pages: web_search + browse_webpage). `query_cache` names a sqlite file shared by all ranks."""
+    from retrievers import BM25Retriever, HTTPRetriever, SerperRetriever
+    if spec == "serper":
+        retriever, names = SerperRetriever(), ALL_TOOLS
+    elif spec.startswith("bm25:"):
+        retriever, names = BM25Retriever(spec[len("bm25:"):]), ("web_search",)
+    elif re.match(r"https?://", spec):
+        retriever, names = HTTPRetriever(spec), ("web_search",)
+    else:
+        raise ValueError(f"expected bm25:CORPUS, an http(s):// retrieval server or serper, got {spec!r}")
+    tools = Tools(retriever, topk=topk, tokenizer=tokenizer, cache=QueryCache(query_cache) if query_cache else None,
+                  reader_url=reader_url, reader_model=reader_model)
+    return tools, names
+
+
 # ----------------------------------------------------------------------------- the episode loop
+# The episode limits of the paper's run (PAPER.md §4, DeepResearcher's): teacher data, training and evaluation
+# default to these, so the three see the same episodes (the toy world has its own, toy_world.LIMITS).
+PAPER_LIMITS = dict(max_turns=10, max_new_tokens=2000, max_context=32768)
+
+
 def prompt_ids(tokenizer, question: str, system: str) -> list[int]:
     """System + user turn + the assistant header, then the forced `<think>` prefix (PAPER.md §2)."""
     messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
@@ -409,8 +433,8 @@ def rollout(engine, tools, questions: list[dict], *, tokenizer, params, group_si
     Each turn: every unfinished trajectory is generated in one engine call; its sampled ids are appended
     with mask 1; the turn is parsed with `parse_turn`; the tool calls of the batch run together; each
     response is appended as template glue with mask 0. An episode ends with an answer, a format error,
-    the turn limit, or the context limit (`finish`). Trajectories of one question are adjacent, as
-    GRPO's groups expect.
+    the turn limit, the context limit, or an engine that could not generate (`finish`). Trajectories of
+    one question are adjacent, as GRPO's groups expect.
     """
     system = system_prompt(tool_names) if system is None else system
     glue = TurnGlue(tokenizer)
@@ -435,6 +459,9 @@ def rollout(engine, tools, questions: list[dict], *, tokenizer, params, group_si
         calls, callers = [], []
         for i, c in zip(active, completions):
             t = trajs[i]
+            if c.error is not None:             # the engine produced no turn (a remote teacher failed)
+                t.finish, t.format_error = "engine_error", c.error
+                continue
             room = max_context - len(t.prompt_ids) - len(t.ids)
             extend(t, c.token_ids[:room], True, c.logprobs[:room])
             if len(c.token_ids) > room or c.finish_reason == "length":

@@ -1,28 +1,24 @@
-"""Supervised fine-tuning on atomic-thought trajectories, and the teacher that writes them.
+"""Supervised fine-tuning on atomic-thought trajectories: the first stage of Atom-Searcher.
 
 Atom-Searcher's first stage (arXiv 2508.12800, §3.2; PAPER.md §1.2): a teacher LLM writes full multi-turn
-search trajectories whose `<think>` blocks are split into atomic thoughts, and the policy is fine-tuned on
-them, so that RL starts from a model that already thinks in atoms and calls tools in the right format.
+search trajectories whose `<think>` blocks are split into atomic thoughts (teacher_data.py), and the policy is
+fine-tuned on them, so that RL starts from a model that already thinks in atoms and calls tools in the right format.
 
-Three pieces:
+Two pieces:
 1. `render_conversation`: chat messages -> (prompt_ids, ids, mask) with *exactly* the rollout's token format
    and mask convention (search_env.py): the forced `<think>` prefix and all template glue and tool responses
    are mask 0, the assistant's own text is mask 1. SFT and RL therefore train on identical token layouts
    (DESIGN.md "The one data structure"); a test checks the ids and masks equal a rollout's.
 2. `sft_loss`: token-mean cross-entropy over mask-1 tokens, -Σ m·log p / N_tok. It is GRPO's loss with
    every advantage 1 and no ratio (training_design.md §2.5), computed by the same chunked `token_logprobs`.
-3. `make_teacher_data`: runs the real environment (search_env.rollout) with a teacher in the engine's
-   place, keeps trajectories that are well-formed, have at least one atom in every think block and F1 >=
-   `min_f1`, and writes them as jsonl of chat messages. Teachers: `ToyTeacherEngine` (the toy world's
-   scripted teacher, deliberately imperfect: toy_world.teacher_turns) or `ChatTeacherEngine` (an
-   OpenAI-compatible chat endpoint prompted to write atomic thoughts; our prompt).
 
-Our choices (the paper gives no SFT details; PAPER.md §6): the teacher prompt, the filter (format + atoms +
-F1 threshold, default 0.0 for the toy teacher so its flaws survive), and the loss (token-mean).
+Our choices (the paper gives no SFT details; PAPER.md §6): the loss (token-mean), a constant learning rate, and
+`load_examples` refusing rows written with another system prompt than the run's (the policy would be trained on
+one prompt and rolled out on another).
 
 Run:
-    python sft.py make-data --world-seed 0 --out data/sft.jsonl            # toy teacher on the toy world
-    python sft.py --data data/sft.jsonl --model DIR --out DIR2 [--steps N]     (also under torchrun: DDP)
+    python sft.py make-data ...                   # teacher data (teacher_data.py; --help lists the flags)
+    python sft.py --data sft.jsonl --model DIR --out DIR2 [--steps N]     (also under torchrun: DDP)
 The 8-GPU FSDP2 run of this stage is `torchrun --nproc_per_node=8 train.py --stage sft ...`.
 """
 from __future__ import annotations
@@ -34,14 +30,11 @@ import random
 import sys
 import time
 
-import requests
 import torch
 
-from atomic_thought import THINK_PREFIX, render_messages, render_turn
-from engine import Completion
-from evaluate import f1_score
+from atomic_thought import THINK_PREFIX
 from grpo import token_logprobs
-from search_env import TurnGlue, prompt_ids, rollout
+from search_env import TurnGlue, prompt_ids
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -102,132 +95,6 @@ def sft_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_
     return -(logp * loss_mask).sum() / max(float(n), 1.0)
 
 
-# ----------------------------------------------------------------------------- teachers
-class ToyTeacherEngine:
-    """The toy world's scripted teacher behind the engine interface: plays `teacher_turns` as token ids.
-
-    It recognises the conversation by its question text and counts the tool responses so far to know which
-    turn to play. Its flaws are drawn once per trajectory (deterministically from `seed`).
-    """
-
-    def __init__(self, tokenizer, questions: list[dict], *, premature_rate: float, wrong_search_rate: float,
-                 seed: int = 0):
-        from toy_world import teacher_turns
-        rng = random.Random(seed)
-        self.tokenizer = tokenizer
-        self.turns = {q["question"]: teacher_turns(q, rng, premature_rate, wrong_search_rate) for q in questions}
-
-    sampler_logprob = 0.0   # the log-prob reported for every played token (a script has no distribution)
-
-    def conversation_state(self, prompt_ids: list[int]) -> tuple[str, int]:
-        """(question, number of tool responses so far) of a ChatML conversation."""
-        text = self.tokenizer.decode(prompt_ids)
-        question = text.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
-        return question, text.split("<|im_start|>assistant", 1)[1].count("<tool_response>")
-
-    def turn_text(self, question: str, k: int) -> str:
-        """The assistant text of turn k, after the forced `<think>` prefix."""
-        return render_turn(self.turns[question][k])[len(THINK_PREFIX):]
-
-    def generate(self, prompt_ids_list, params) -> list[Completion]:
-        out = []
-        for ids in prompt_ids_list:
-            turn_ids = self.tokenizer(self.turn_text(*self.conversation_state(ids)),
-                                      add_special_tokens=False)["input_ids"][:params.max_new_tokens]
-            out.append(Completion(turn_ids, [self.sampler_logprob] * len(turn_ids), "stop",
-                                  self.tokenizer.decode(turn_ids)))
-        return out
-
-
-TEACHER_INSTRUCTIONS = (
-    "Write your reasoning inside <think> as a few short atomic thoughts, each in its own tag, in this order: "
-    "<OBSERVATION> what the question or the last results say </OBSERVATION>, <HYPOTHESIS_TESTING> a candidate "
-    "answer or plan and the evidence it needs </HYPOTHESIS_TESTING>, <RISK_ANALYSIS> what could be wrong "
-    "</RISK_ANALYSIS>, <ACTION> what to do next </ACTION>. Then make exactly one tool call or give the answer.")
-
-
-class ChatTeacherEngine:
-    """A teacher LLM behind an OpenAI-compatible chat endpoint, plugged into the rollout as an engine.
-
-    The rollout hands it token ids; it splits the decoded ChatML text (`<|im_start|>role\\n...<|im_end|>`,
-    the format of Qwen2.5 and of the toy tokenizer) back into messages, adds `TEACHER_INSTRUCTIONS` to the
-    system message, and tokenizes the teacher's reply with the policy's tokenizer. The API key comes from
-    the environment variable named by `api_key_env` and is never logged. A failed call returns an empty
-    completion, which the rollout records as a format error and the filter drops.
-    """
-
-    def __init__(self, base_url: str, model: str, tokenizer, *, api_key_env: str = "OPENAI_API_KEY",
-                 timeout: float = 120.0, temperature: float = 0.7):
-        self.url = base_url.rstrip("/").removesuffix("/v1") + "/v1/chat/completions"
-        self.model, self.tokenizer, self.timeout, self.temperature = model, tokenizer, timeout, temperature
-        self.session = requests.Session()
-        key = os.environ.get(api_key_env)
-        if key:
-            self.session.headers["Authorization"] = f"Bearer {key}"
-        self.failures = 0
-
-    def _messages(self, ids: list[int]) -> list[dict]:
-        text = self.tokenizer.decode(ids)
-        messages = []
-        for block in text.split("<|im_start|>")[1:]:
-            role, _, content = block.partition("\n")
-            messages.append({"role": role, "content": content.split("<|im_end|>")[0]})
-        if messages and messages[-1]["role"] == "assistant":     # the open turn: its forced prefix only
-            messages.pop()
-        messages[0]["content"] += "\n" + TEACHER_INSTRUCTIONS
-        return messages
-
-    def generate(self, prompt_ids_list, params) -> list[Completion]:
-        out = []
-        for ids in prompt_ids_list:
-            payload = {"model": self.model, "messages": self._messages(ids), "temperature": self.temperature,
-                       "max_tokens": params.max_new_tokens, "stop": list(params.stop)}
-            try:
-                reply = self.session.post(self.url, json=payload, timeout=self.timeout)
-                reply.raise_for_status()
-                choice = reply.json()["choices"][0]
-                text = choice["message"]["content"] or ""
-                # Servers drop the stop string from the text: put back the one this turn ended with.
-                if "<tool_call>" in text and "</tool_call>" not in text:
-                    text += "</tool_call>"
-                elif "<answer>" in text and "</answer>" not in text:
-                    text += "</answer>"
-            except (requests.RequestException, KeyError, IndexError, TypeError, ValueError):
-                self.failures += 1
-                text = ""
-            text = text.removeprefix(THINK_PREFIX).removeprefix("<think>")
-            turn_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            out.append(Completion(turn_ids, [0.0] * len(turn_ids), "stop", text))
-        return out
-
-
-def make_teacher_data(teacher, tools, questions: list[dict], *, tokenizer, params, system: str,
-                      tool_names: tuple[str, ...], min_f1: float = 0.0, max_turns: int = 10,
-                      batch_size: int = 64) -> tuple[list[dict], dict]:
-    """Run the teacher in the real environment and keep the good trajectories -> (rows, counts).
-
-    A row: {"question", "golden_answers", "messages", "f1", "metadata"}. Kept when well-formed, every think
-    block holds at least one atomic thought, and F1 >= min_f1.
-    """
-    rows, counts = [], {"generated": 0, "format_error": 0, "no_atoms": 0, "low_f1": 0, "kept": 0}
-    for start in range(0, len(questions), batch_size):
-        batch = questions[start:start + batch_size]
-        for t in rollout(teacher, tools, batch, tokenizer=tokenizer, params=params, max_turns=max_turns,
-                         system=system, tool_names=tool_names):
-            counts["generated"] += 1
-            if not t.format_ok:
-                counts["format_error"] += 1
-            elif not all(turn.atoms for turn in t.turns):
-                counts["no_atoms"] += 1
-            elif (f1 := f1_score(t.answer, t.golden_answers)) < min_f1:
-                counts["low_f1"] += 1
-            else:
-                counts["kept"] += 1
-                rows.append({"question": t.question, "golden_answers": t.golden_answers, "f1": f1,
-                             "messages": render_messages(system, t.question, t.turns, t.tool_responses), "metadata": t.metadata})
-    return rows, counts
-
-
 # ----------------------------------------------------------------------------- training
 def training_example(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     """Chat messages -> one SFT example: (prompt_ids + ids, mask with 0 over the prompt)."""
@@ -271,12 +138,14 @@ def sft_step(model, rows: list[tuple[list[int], list[int]]], *, pad_id: int, mic
 
 
 def train_sft(model, examples: list[tuple[list[int], list[int]]], *, pad_id: int, steps: int, batch_size: int,
-              lr: float, micro_batch: int = 8, grad_clip: float = 1.0, seed: int = 0, log=print,
-              rank: int = 0, world_size: int = 1, all_reduce=None) -> list[float]:
+              lr: float, micro_batch: int = 8, grad_clip: float = 1.0, seed: int = 0, log=print, rank: int = 0,
+              all_reduce=None, loss_scale: float = 1.0, reduce_gradients=None) -> list[float]:
     """Plain SFT loop: AdamW, constant lr, `steps` steps of `batch_size` examples per rank -> per-step losses.
 
-    Each example is prompt_ids + ids with mask (0 on the prompt). Under several ranks `all_reduce(tensor)`
-    sums a tensor across ranks (the token count), and the model is expected to average gradients (DDP).
+    Each example is prompt_ids + ids with mask (0 on the prompt). Under several ranks `all_reduce(tensor)` sums a
+    tensor across ranks (the step's token count), and the gradients must end up summed over ranks: a model that
+    averages them (DDP, FSDP) needs `loss_scale` = the world size; otherwise `reduce_gradients()`, called after the
+    backward passes, sums them (train.py's CPU path).
     """
     generator = random.Random(seed + rank)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -289,7 +158,9 @@ def train_sft(model, examples: list[tuple[list[int], list[int]]], *, pad_id: int
         if all_reduce is not None:
             all_reduce(n_tokens)                      # global mask-1 count of the step, once, before backward
         loss = sft_step(model, rows, pad_id=pad_id, micro_batch=micro_batch, n_tokens=n_tokens.item(),
-                        loss_scale=world_size)
+                        loss_scale=loss_scale)
+        if reduce_gradients is not None:
+            reduce_gradients()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         if torch.isfinite(grad_norm):
             optimizer.step()
@@ -301,66 +172,51 @@ def train_sft(model, examples: list[tuple[list[int], list[int]]], *, pad_id: int
     return losses
 
 
-def load_examples(path: str, tokenizer) -> list[tuple[list[int], list[int]]]:
-    """SFT jsonl (rows with "messages") -> (prompt_ids + ids, mask) examples; bad rows name file and line."""
+def load_examples(path: str, tokenizer, *, system: str | None = None,
+                  max_context: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """SFT jsonl (rows with "messages") -> (prompt_ids + ids, mask) examples. A bad row, a row whose system prompt
+    is not `system` (the run's) or one longer than `max_context` tokens is a ValueError naming file and line."""
     examples = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                examples.append(training_example(tokenizer, json.loads(line)["messages"]))
+                messages = json.loads(line)["messages"]
+                example = training_example(tokenizer, messages)
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"{path}:{n}: not an SFT row with valid chat messages: {e}") from None
+            if system is not None and messages[0]["content"] != system:
+                raise ValueError(f"{path}:{n}: written with another system prompt than this run's (made for other "
+                                 f"tools, e.g. another --retriever, or for the toy world?): it begins "
+                                 f"{messages[0]['content'][:60]!r}, this run's {system[:60]!r}")
+            if max_context is not None and len(example[0]) > max_context:
+                raise ValueError(f"{path}:{n}: {len(example[0])} tokens, beyond --max-context {max_context}: make the "
+                                 "data with the same --max-context as the run")
+            examples.append(example)
     if not examples:
         raise ValueError(f"{path}: no SFT rows")
     return examples
 
 
 def main(argv: list[str] | None = None) -> None:
-    import toy_world as tw       # make-data's defaults are the demo's teacher flaws
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    make = commands.add_parser("make-data", help="toy teacher trajectories in the toy world -> SFT jsonl")
-    make.add_argument("--world-seed", type=int, default=0, help="toy world seed")
-    make.add_argument("--n", type=int, default=tw.SFT_QUESTIONS, help="number of train questions to run the teacher on")
-    make.add_argument("--premature-rate", type=float, default=tw.TEACHER_FLAWS["premature_rate"],
-                      help="teacher flaw: answer one hop early")
-    make.add_argument("--wrong-search-rate", type=float, default=tw.TEACHER_FLAWS["wrong_search_rate"],
-                      help="teacher flaw: misspelt first search")
-    make.add_argument("--min-f1", type=float, default=0.0, help="keep trajectories with F1 >= this")
-    make.add_argument("--out", required=True, help="output jsonl")
-    train = commands.add_parser("train", help="fine-tune a model on SFT jsonl and save an HF checkpoint")
-    train.add_argument("--data", required=True, help="SFT jsonl (rows with chat 'messages')")
-    train.add_argument("--model", required=True, help="HF model directory or name")
-    train.add_argument("--out", required=True, help="output directory for the fine-tuned checkpoint")
-    train.add_argument("--steps", type=int, default=300, help="optimizer steps")
-    train.add_argument("--batch-size", type=int, default=16, help="examples per step per rank")
-    train.add_argument("--micro-batch", type=int, default=8, help="examples per forward/backward")
-    train.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (constant)")
-    train.add_argument("--seed", type=int, default=0, help="sampling seed (offset by rank)")
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in ("make-data", "train", "-h", "--help"):
-        argv.insert(0, "train")       # `python sft.py --data ... --model ... --out ...` trains
-    args = parser.parse_args(argv)
-
-    if args.command == "make-data":
-        from engine import SamplingParams
-        from retrievers import BM25Retriever
-        from search_env import Tools
-        world = tw.build_world(args.world_seed)
-        tokenizer = tw.build_tokenizer(world)
-        corpus = os.path.join(os.path.dirname(os.path.abspath(args.out)) or ".", f"toy-corpus-{world.key()}.jsonl")
-        tw.write_jsonl(world.corpus, corpus)
-        questions = world.splits["train"][:args.n]
-        teacher = ToyTeacherEngine(tokenizer, questions, premature_rate=args.premature_rate,
-                                   wrong_search_rate=args.wrong_search_rate, seed=args.world_seed)
-        rows, counts = make_teacher_data(teacher, Tools(BM25Retriever(corpus), topk=tw.TOPK, tokenizer=tokenizer),
-                                         questions, tokenizer=tokenizer, params=SamplingParams(),
-                                         system=tw.SYSTEM, tool_names=tw.TOOLS, min_f1=args.min_f1)
-        tw.write_jsonl(rows, args.out)
-        print(f"wrote {len(rows)} trajectories to {args.out}: {counts}")
+    if argv[:1] == ["make-data"]:     # teacher data: teacher_data.py has the teachers, the filter and the files
+        from teacher_data import main as make_data
+        make_data(argv[1:])
         return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", nargs="?", choices=("train",), help="fine-tune (the default; `make-data`: "
+                        "teacher data, see `python sft.py make-data --help`)")
+    parser.add_argument("--data", required=True, help="SFT jsonl (rows with chat 'messages')")
+    parser.add_argument("--model", required=True, help="HF model directory or name")
+    parser.add_argument("--out", required=True, help="output directory for the fine-tuned checkpoint")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per step per rank")
+    parser.add_argument("--micro-batch", type=int, default=8, help="examples per forward/backward")
+    parser.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (constant)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (offset by rank)")
+    args = parser.parse_args(argv)
 
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -375,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     examples = load_examples(args.data, tokenizer)
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
     train_sft(wrapped, examples, pad_id=tokenizer.pad_token_id or 0, steps=args.steps, batch_size=args.batch_size,
-              lr=args.lr, micro_batch=args.micro_batch, seed=args.seed, rank=rank, world_size=world_size,
+              lr=args.lr, micro_batch=args.micro_batch, seed=args.seed, rank=rank, loss_scale=world_size,
               all_reduce=dist.all_reduce if ddp else None, log=print if rank == 0 else None)
     if rank == 0:
         model.save_pretrained(args.out)

@@ -359,14 +359,11 @@ def render_teacher_text(question: dict, turns: list[Turn]) -> str:
 def build_tokenizer(world: World, vocab_size: int = 1024, cache_dir: str | os.PathLike | None = None):
     """A byte-level BPE tokenizer trained on the world's text, as a transformers tokenizer with a chat template.
 
-    The grammar's tags (bare and with their whitespace, `LAYOUT_TOKENS`) and `TOOL_CALL_PREFIX` are added as single
-    non-special tokens, so the model emits each in one step and decoding keeps it. Every name syllable must come
-    out as one token with and without a leading space (the copy-ability requirement above); that is checked, not
-    assumed. Cached under `cache_dir`
-    (default data/toy-<world key>/tokenizer-<vocab_size>) and loaded from there on the next call.
+    `train_tokenizer` does the training; every name syllable must come out as one token with and without a
+    leading space (the copy-ability requirement above), which is checked here, not assumed. Cached under
+    `cache_dir` (default data/toy-<world key>/tokenizer-<vocab_size>) and loaded from there on the next call.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
 
     path = Path(cache_dir or DEFAULT_DATA_DIR / f"toy-{world.key()}") / f"tokenizer-{vocab_size}"
     if (path / "tokenizer.json").exists():
@@ -379,11 +376,31 @@ def build_tokenizer(world: World, vocab_size: int = 1024, cache_dir: str | os.Pa
         texts.append(render_teacher_text(q, teacher_turns(q, rng, premature_rate=0.5, wrong_search_rate=0.3)))
     # Every syllable, alone and after a space, often enough to be merged whatever the world's size.
     texts += ["\n".join(SYLLABLES) + "\n" + " ".join(SYLLABLES)] * 50
-    texts += ["system\nuser\nassistant\n"] * 50    # the chat template's role names: one token each
+    tokenizer = train_tokenizer(texts, vocab_size)
+    split_names = [s for s in SYLLABLES for form in (s, " " + s) if len(tokenizer(form)["input_ids"]) != 1]
+    if split_names:
+        raise RuntimeError(f"vocab_size={vocab_size} too small: name syllables {split_names[:5]} are not one "
+                           "token each; raise vocab_size")
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, path) if not path.exists() else None   # atomic: a concurrent builder may have won
+    return AutoTokenizer.from_pretrained(path)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE trained on `texts` -> a transformers tokenizer with the ChatML `CHAT_TEMPLATE`.
+
+    The grammar's tags (bare and with their whitespace, `LAYOUT_TOKENS`) and `TOOL_CALL_PREFIX` are added as single
+    non-special tokens, so the model emits each in one step and decoding keeps it; the chat tokens are special.
+    Used for the toy world's tokenizer and, on real text, for the tiny models of the real-run tests.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = list(texts) + ["system\nuser\nassistant\n"] * 50    # the chat template's role names: one token each
     added = sorted(FORMAT_TOKENS + LAYOUT_TOKENS + (TOOL_CALL_PREFIX,), key=len, reverse=True)
     for tag in added:      # added tokens below: keep them out of the merges. The text after an added token is
         texts = [t.replace(tag, "\n") for t in texts]   # pre-tokenized on its own, like the text after a newline
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -394,14 +411,7 @@ def build_tokenizer(world: World, vocab_size: int = 1024, cache_dir: str | os.Pa
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                         additional_special_tokens=["<|im_start|>"])
     tokenizer.chat_template = CHAT_TEMPLATE
-    split_names = [s for s in SYLLABLES for form in (s, " " + s) if len(tok.encode(form).ids) != 1]
-    if split_names:
-        raise RuntimeError(f"vocab_size={vocab_size} too small: name syllables {split_names[:5]} are not one "
-                           "token each; raise vocab_size")
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, path) if not path.exists() else None   # atomic: a concurrent builder may have won
-    return AutoTokenizer.from_pretrained(path)
+    return tokenizer
 
 
 def build_tiny_model(tokenizer, *, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4,

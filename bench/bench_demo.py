@@ -23,12 +23,13 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's flat modules
 import train  # noqa: E402
+from run_setup import setup_toy  # noqa: E402
 from sft import first_turn, train_sft  # noqa: E402
 
 
 def sft_seconds_per_step(steps: int) -> tuple[float, float]:
     args = train.parse_args([])
-    env = train.setup_toy(args, train.Dist())
+    env = setup_toy(args, train.Dist())
     examples, _ = train.toy_sft_examples(env, args)
     tok = env["tokenizer"]
     out = []

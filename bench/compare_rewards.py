@@ -17,7 +17,7 @@ from pathlib import Path
 def load(run: Path) -> tuple[dict, list[dict]]:
     summary = json.loads((run / "summary.json").read_text())
     records = [json.loads(line) for line in open(run / "metrics.jsonl")]
-    return summary, records
+    return summary, [r for r in records if "eval" not in r]        # the per-step records (not the evaluations)
 
 
 def steps_to(f1: list[float], threshold: float, block: int) -> int | None:

@@ -1,6 +1,9 @@
-"""Run by tests/test_train.py: one GRPO update on a fixed global batch, on 1 process or under torchrun.
+"""Run by tests/test_train.py: one GRPO update, or one SFT step, on a fixed global batch, on 1 process or torchrun.
 
-Writes the updated parameters to OUT (rank 0), so the test can compare the 2-rank update with the 1-rank one.
+Writes the updated parameters to OUT (every rank to OUT.rank<r>), so the test can compare the 2-rank update with
+the 1-rank one and the ranks with each other. `sft`: under torchrun rank r trains on copies of example r
+(sft.train_sft with distributed.sft_collectives, as train.py); on 1 process the same step is taken by hand on
+the union of the ranks' rows.
 """
 import argparse
 import sys
@@ -11,11 +14,13 @@ import toy_world as tw
 from retrievers import BM25Retriever
 from search_env import Tools, rollout
 from engine import SamplingParams
-from sft import ToyTeacherEngine
+from teacher_data import ToyTeacherEngine
+from distributed import sft_collectives
+from sft import sft_step, train_sft
 from train import Dist, grpo_update
 
 
-def main(workdir: str, out: str) -> None:
+def main(workdir: str, out: str, mode: str) -> None:
     d = Dist()
     world = tw.build_world(0, tw.WorldConfig(n_train=40, n_dev=10, n_test=20, n_extra_people=20))
     tokenizer = tw.build_tokenizer(world, cache_dir=workdir)
@@ -24,6 +29,8 @@ def main(workdir: str, out: str) -> None:
     teacher = ToyTeacherEngine(tokenizer, questions, premature_rate=0.5, wrong_search_rate=0.3)
     trajs = rollout(teacher, tools, questions, tokenizer=tokenizer, params=SamplingParams(), system=tw.SYSTEM,
                     tool_names=tw.TOOLS)
+    if mode == "sft":
+        return sft(d, tokenizer, trajs, out)
     advantages = torch.linspace(-1.5, 1.5, len(trajs))              # any fixed advantages will do
     share = len(trajs) // d.world                                   # whole groups (G = 1 here) per rank
     mine = slice(d.rank * share, (d.rank + 1) * share)
@@ -31,9 +38,23 @@ def main(workdir: str, out: str) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     args = argparse.Namespace(no_loss_mask=False, micro_batch_tokens=1200, temperature=1.0, kl_beta=0.0)
     stats = grpo_update(model, optimizer, trajs[mine], advantages[mine], args, d, pad_id=tokenizer.pad_token_id)
-    if d.rank == 0:
-        torch.save({"params": {k: v.detach() for k, v in model.named_parameters()}, "stats": stats}, out)
+    torch.save({"params": {k: v.detach() for k, v in model.named_parameters()}, "stats": stats}, f"{out}.rank{d.rank}")
+
+
+def sft(d: Dist, tokenizer, trajs, out: str) -> None:
+    examples = [(t.prompt_ids + t.ids, [0] * len(t.prompt_ids) + t.mask) for t in trajs[:2]]
+    model = tw.build_tiny_model(tokenizer, seed=0)
+    if d.on:                                                        # rank r: 3 copies of example r
+        train_sft(model, [examples[d.rank]], pad_id=tokenizer.pad_token_id, steps=1, batch_size=3, lr=1e-3,
+                  log=None, **sft_collectives(model, d))
+    else:                                                           # train_sft's step on all 6 rows, by hand
+        rows = [examples[0]] * 3 + [examples[1]] * 3
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+        sft_step(model, rows, pad_id=tokenizer.pad_token_id, micro_batch=8, n_tokens=sum(sum(m) for _, m in rows))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    torch.save({"params": {k: v.detach() for k, v in model.named_parameters()}, "stats": {}}, f"{out}.rank{d.rank}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "grpo")

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 
 import toy_world as tw
-from sft import ToyTeacherEngine
+from teacher_data import ToyTeacherEngine
 from engine import Completion, SamplingParams
 from evaluate import (AnswerJudge, aggregate, contains_answer, contamination_filter, evaluate_questions,
-                      load_records, main, make_retriever, parse_verdict, sampled_runs)
+                      load_records, main, parse_verdict, sampled_runs)
 from qa_data import load_benchmark, load_jsonl_questions, load_questions, mix_counts, parse_mix, sample_rows, \
     warn_bad_rows
 from retrievers import BM25Retriever
 from rrm_reward import ToyOracleRRM
-from search_env import Tools
+from search_env import Tools, make_tools
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -129,6 +129,10 @@ def test_load_questions_from_local_paths(tmp_path, capsys):
     assert load_questions(paths, limit=4, seed=1) == load_questions([str(tmp_path / "a.jsonl"),
                                                                      str(tmp_path / "b.jsonl")], limit=4, seed=1)
     assert len(load_questions(paths, limit=4)) == 4
+    assert [r["benchmark"] for r in rows] == ["a"] * 5 + ["b"] * 7          # each row tagged with its file's stem
+    per = load_questions(paths, limit_per_benchmark=3, seed=2)
+    assert [r["benchmark"] for r in per] == ["a"] * 3 + ["b"] * 3 and {r["id"] for r in per} <= {r["id"] for r in rows}
+    assert load_questions(paths, limit_per_benchmark=3, seed=2) == per
 
 
 # ---- contamination filter ---------------------------------------------------------------------------
@@ -286,14 +290,17 @@ def test_records_of_teacher_rollouts(toy_dir):
     assert summary["f1"] == 0.75
 
 
-def test_make_retriever_picks_tools(toy_dir, monkeypatch):
+def test_make_tools_picks_the_tools_of_the_retriever(toy_dir, monkeypatch, tmp_path):
     folder, _ = toy_dir
-    assert make_retriever(f"bm25:{folder / 'corpus.jsonl'}")[1] == ("web_search",)
-    assert make_retriever("http://127.0.0.1:1/retrieve")[1] == ("web_search",)
+    assert make_tools(f"bm25:{folder / 'corpus.jsonl'}", tokenizer=None)[1] == ("web_search",)
+    tools, names = make_tools("http://127.0.0.1:1/retrieve", tokenizer=None, topk=3,
+                              query_cache=str(tmp_path / "cache.sqlite"), reader_url="http://r/v1", reader_model="m")
+    assert names == ("web_search",) and tools.topk == 3 and (tmp_path / "cache.sqlite").is_file()
+    assert tools.reader_url == "http://r/v1/chat/completions" and tools.reader_model == "m"
     monkeypatch.setenv("SERPER_API_KEY", "x")
-    assert make_retriever("serper")[1] == ("web_search", "browse_webpage")
+    assert make_tools("serper", tokenizer=None)[1] == ("web_search", "browse_webpage")
     with pytest.raises(ValueError, match="bm25:CORPUS"):
-        make_retriever("elastic")
+        make_tools("elastic", tokenizer=None)
 
 
 # ---- the command, end to end ---------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from atomic_thought import render_messages, system_prompt
 from engine import HFEngine, SamplingParams
 from retrievers import BM25Retriever, SearchError
 from search_env import Tools, TurnGlue, rollout, show_mask
-from sft import ToyTeacherEngine
+from teacher_data import ToyTeacherEngine
 
 
 @pytest.fixture(scope="module")

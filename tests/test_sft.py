@@ -11,8 +11,8 @@ from atomic_thought import system_prompt
 from engine import SamplingParams
 from retrievers import BM25Retriever
 from search_env import Tools, rollout
-from sft import (ChatTeacherEngine, ToyTeacherEngine, collate, first_turn, load_examples, make_teacher_data,
-                 render_conversation, sft_loss, train_sft, training_example)
+from sft import collate, first_turn, load_examples, render_conversation, sft_loss, train_sft, training_example
+from teacher_data import ChatTeacherEngine, ToyTeacherEngine, make_teacher_data
 
 
 @pytest.fixture(scope="module")

