@@ -3,12 +3,13 @@
 `train.py` builds its run here: `setup_toy` (the embedded default: the toy world, its tokenizer and tiny model,
 BM25 over its corpus, the toy oracle as judge) or `setup_real` (a real model with its questions, teacher data,
 tools, judge and page reader). A researcher's run fails in the first seconds, not after hours of SFT, when
-something it needs is wrong, with one line `error: --flag: what is wrong` (DESIGN.md "Rules"). The checks, cheapest
-first: the model's tokenizer and chat template (it must render a tool turn after an assistant turn), --max-context
+something it needs is wrong, with one line `error: --flag: what is wrong` (DESIGN.md "Rules"). The checks, in
+order: the model's tokenizer and chat template (it must render a tool turn after an assistant turn), --max-context
 against the model's positions, the training and held-out questions (no held-out question may be a training
-question), the retriever (one probe search), the SFT data (every row written with this run's system prompt and
-within its context), the judge's and the page reader's endpoints (each must list the named model). Only then is
-the vLLM engine built and the model loaded. `sft.py make-data` (teacher_data.py) runs the same checks on its flags.
+question), the retriever (one probe search; a bm25: corpus only after the engine, see `setup_real`), the page
+reader's endpoint, the SFT data (every row written with this run's system prompt and within its context), the
+judge's endpoint (it must list the named model, as the reader's). Only then are the vLLM engine built and the
+model loaded. `sft.py make-data` (teacher_data.py) runs the same checks on its own flags.
 
 Our choice: an explicit --max-context beyond the model's positions is an error, the default is the paper's 32k
 capped by them (PAPER.md §4).

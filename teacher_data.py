@@ -17,12 +17,15 @@ prompt, nor the filter; this file is our version of that step:
    format `sft.load_examples` reads), rejected questions to OUT.rejected.jsonl with what was wrong and the teacher's
    last turn, the settings and counts to OUT.stats.json. A rerun with the same OUT skips finished questions.
 
-Run (the real run's teacher; every flag below has the real run's default):
+Run (README "Real run", step 2):
     python sft.py make-data --teacher-url http://teacher:8002 --teacher-model Qwen/Qwen2.5-72B-Instruct \\
         --model Qwen/Qwen2.5-7B-Instruct --data train.jsonl --retriever http://retrieval:8000 --out sft.jsonl
     python sft.py make-data --toy --out data/sft.jsonl                       # the toy world's scripted teacher
-`--model` is the policy to be trained: only its tokenizer and chat template are used, to render the episodes and
-hold them to the token limits. The API key, if the endpoint needs one, is read from $OPENAI_API_KEY (or the variable
+The flags not shown default to train.py's real-run values (top-10 results, 10 turns, 2,000 tokens per turn, 32k
+context capped by the model); a run with other values needs the same ones here (train.py refuses SFT data written
+with another system prompt, or longer than its context). Our defaults: keep F1 >= 0.5 (0 for the toy teacher, whose
+flaws must survive), teacher temperature 0.7. `--model` is the policy to be trained: only its tokenizer and chat
+template are used, to render the episodes and hold them to the token limits. The API key, if the endpoint needs one, is read from $OPENAI_API_KEY (or the variable
 named by --teacher-key-env) and is never printed, logged or saved.
 
 Not covered: several teachers, reasoning-model teachers whose <think> differs from ours (they must follow the
@@ -279,7 +282,7 @@ class TeacherDataFile:
                 raise ValueError(f"{self.path} was made with other settings ({', '.join(changed)}): rerun with the "
                                  "same flags, or write to another --out")
         self.settings = settings
-        self.status: dict[str, str] = {}          # question id -> its latest outcome
+        self.status: dict[str, str] = {}          # question_key -> its latest outcome
         for row in read_rows(self.rejected_path):
             self.status[question_key(row)] = row["outcome"]
         for row in read_rows(self.path):

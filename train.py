@@ -6,7 +6,7 @@ The whole pipeline of the paper (arXiv 2508.12800; PAPER.md §1, §4) in one loo
       ->  A = (R - mean_G R) / (std_G R + 1e-6)  ->  one loss-masked GRPO step (grpo.py)  ->  sync the engine
 
 Run it:
-    python train.py                                   # CPU, ~4.5 minutes: toy world -> SFT -> GRPO -> test F1
+    python train.py                                   # CPU, 3-5 minutes: toy world -> SFT -> GRPO -> test F1
     python train.py --reward outcome                  # the same with F1 only (alpha0 = 0): the paper's ablation
     torchrun --nproc_per_node=8 train.py --model Qwen/Qwen2.5-7B-Instruct --data train.jsonl \\
         --sft-data sft.jsonl --retriever http://host:8000 --rrm-url http://judge:8001 --rrm-model Qwen/Qwen3-30B-A3B \\
@@ -28,11 +28,14 @@ the ranks keep full models and sum their gradients by hand (FSDP2 on gloo does n
 pytorch#162338).
 
 Our choices where the paper is silent, each a flag: toy presets (with a first-turn SFT warm-up that lets the
-tiny model learn to copy names, --sft-warmup-steps; 0 for real models); TIS on; KL only when --kl-beta > 0 (then a
-frozen reference model is kept); groups whose rewards are all equal are dropped from the update.
-Every step logs the tools' and the judge's counters (searches, failures, cache hits, judge calls and fallbacks);
-held-out questions (--eval-data, or the toy's test split) are evaluated greedily after SFT, every --eval-every GRPO
-steps and at the end, sharded over the ranks, F1/EM per benchmark into metrics.jsonl.
+tiny model learn to copy names, --sft-warmup-steps; 0 for real models); TIS on; KL only when --kl-beta > 0 (then the
+SFT model is loaded again from its checkpoint as the frozen reference, also after --resume); groups whose rewards
+are all equal are dropped from the update; held-out evaluation every 50 steps.
+
+Logging: one line per step on rank 0 and a metrics.jsonl record with every reward component, the finish reasons and
+the tools' and judge's counters of the step (searches, failures, cache hits, judge calls and fallbacks), summed over
+the ranks; held-out questions (--eval-data, or the toy's test split) are evaluated greedily after SFT, every
+--eval-every GRPO steps and at the end, sharded over the ranks, F1/EM per benchmark as {"step", "eval"} records.
 Not covered: multi-node HSDP meshes (torchrun's rendezvous works, sharding spans all ranks), vLLM sleep mode.
 """
 from __future__ import annotations
