@@ -132,6 +132,9 @@ def setup_real(args, d: Dist, needs_sft_data: bool) -> dict:
     except (OSError, ValueError) as e:
         fail("--data", str(e))
     test = []
+    if args.eval_data and args.eval_data.startswith("hub:"):
+        fail("--eval-data", "a hub mix reads the benchmarks' train splits: pass FlashRAG jsonl files of dev/test "
+                            "questions (those evaluate.py --data-dir reads)")
     if args.eval_data:
         try:   # --eval-limit questions per benchmark, as evaluate.py draws them
             test = load_questions(args.eval_data, seed=args.seed, limit_per_benchmark=args.eval_limit)

@@ -25,8 +25,8 @@ The flags not shown default to train.py's real-run values (top-10 results, 10 tu
 context capped by the model); a run with other values needs the same ones here (train.py refuses SFT data written
 with another system prompt, or longer than its context). Our defaults: keep F1 >= 0.5 (0 for the toy teacher, whose
 flaws must survive), teacher temperature 0.7. `--model` is the policy to be trained: only its tokenizer and chat
-template are used, to render the episodes and hold them to the token limits. The API key, if the endpoint needs one, is read from $OPENAI_API_KEY (or the variable
-named by --teacher-key-env) and is never printed, logged or saved.
+template are used, to render the episodes and hold them to the token limits. The API key, if the endpoint needs
+one, is read from $OPENAI_API_KEY (or the variable named by --teacher-key-env) and is never printed, logged or saved.
 
 Not covered: several teachers, reasoning-model teachers whose <think> differs from ours (they must follow the
 instructions), and de-duplication of near-identical trajectories.

@@ -122,6 +122,7 @@ def test_startup_checks_name_the_flag_to_fix(tmp_path):
         (base + ["--max-context", "4096"], "--max-context"),
         (["--model", str(model_dir), "--data", str(tmp_path / "none.jsonl")], "--data"),
         (base + ["--eval-data", str(w / "train.jsonl")], "--eval-data"),
+        (base + ["--eval-data", "hub:nq=1"], "--eval-data"),
         (base + ["--retriever", "http://127.0.0.1:9"], "--retriever"),
         (base + bm25 + ["--reward", "outcome"], "--sft-data"),
         (base + bm25 + ["--reward", "outcome", "--sft-data", str(toy_rows)], "--sft-data"),
