@@ -1,7 +1,7 @@
 """Generation backends behind one small interface: token ids in, sampled token ids and log-probs out.
 
 The rollout (search_env.py) only ever calls `engine.generate(prompt_ids_list, params)` and, after each
-optimizer step, `engine.load_weights(named_tensors)`. Two backends implement it:
+optimizer step, `engine.load_weights(named_tensors)`; `engine.close()` ends it. Two backends implement it:
 
 - `HFEngine`: transformers `generate` with a KV cache, batched with left padding. Runs anywhere; it is
   what the CPU demo and the tests use.
@@ -134,6 +134,9 @@ class HFEngine:
             for name, tensor in named_tensors:
                 if params[name].data_ptr() != tensor.data_ptr():
                     params[name].copy_(tensor)
+
+    def close(self) -> None:
+        """Nothing to shut down: the model belongs to the caller."""
 
 
 class VLLMEngine:

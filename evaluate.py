@@ -60,7 +60,8 @@ import toy_world as tw
 from qa_data import load_benchmark, load_questions, sample_rows, warn_bad_rows
 from report import markdown_stats, markdown_table1, write_report
 from retrievers import SearchError, http_session, post_json
-from search_env import PAPER_LIMITS, make_tools, rollout
+from run_setup import make_tools
+from search_env import PAPER_LIMITS, rollout
 
 PAPER_BENCHMARKS = ("nq", "triviaqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle", "popqa")
 PAPER_SAMPLE = 512          # questions per benchmark (PAPER.md §5)
@@ -447,8 +448,7 @@ def main(argv: list[str] | None = None) -> None:
         dist.all_gather_object(gathered, (records, stats), group=gloo)
         records = sorted((r for part, _ in gathered for r in part), key=lambda r: r["index"])
         stats = sum((s for _, s in gathered), Counter())
-        if hasattr(engine, "close"):
-            engine.close()                      # before the groups go (engine.VLLMEngine.close)
+        engine.close()                          # before the groups go (engine.VLLMEngine.close)
         if dist.is_initialized():
             dist.destroy_process_group()
     if rank != 0:

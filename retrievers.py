@@ -228,26 +228,6 @@ def post_json(session: requests.Session, url: str, payload: dict, *, what: str, 
     raise SearchError(f"{what}: {error} (after {retries + 1} attempts)")
 
 
-def endpoint_problem(base_url: str, model: str, *, timeout: float = 10.0,
-                     api_key_env: str = "OPENAI_API_KEY") -> tuple[str, str] | None:
-    """Why an OpenAI-compatible endpoint (judge, teacher, page reader) cannot serve `model`, checked at start-up:
-    ("url", message) when GET /v1/models does not answer, ("model", message) when it does not list `model`, or None.
-    The message names the fault's kind and the listed models only, never a header."""
-    url = base_url.rstrip("/").removesuffix("/chat/completions").removesuffix("/v1") + "/v1/models"
-    key = os.environ.get(api_key_env)
-    try:
-        reply = requests.get(url, timeout=timeout, headers={"Authorization": f"Bearer {key}"} if key else None)
-        reply.raise_for_status()
-        names = [m["id"] for m in reply.json()["data"]]
-    except requests.RequestException as e:
-        return "url", f"{url} does not answer ({type(e).__name__})"
-    except (ValueError, KeyError, TypeError):
-        return "url", f"{url} is not an OpenAI-compatible model list"
-    if model not in names:
-        return "model", f"{base_url} serves {names}, not {model!r}"
-    return None
-
-
 def parse_retrieve_reply(reply: object, n_queries: int, k: int, what: str = "retrieval server") -> list[list[Doc]]:
     """Read a `/retrieve` reply: {"result": [[{"document": {...}, "score": s} or {"id", "contents"}, ...], ...]}."""
     result = reply.get("result") if isinstance(reply, dict) else None

@@ -1,6 +1,7 @@
 """What a training run is made of, and the checks that guard it: every startup check names the flag to fix.
 
-`train.py` builds its run here: `setup_toy` (the embedded default: the toy world, its tokenizer and tiny model,
+`make_tools` turns a `--retriever` spec into the agent's tools, the same for teacher data, training and
+evaluation. `train.py` builds its run here: `setup_toy` (the embedded default: the toy world, its tokenizer and tiny model,
 BM25 over its corpus, the toy oracle as judge) or `setup_real` (a real model with its questions, teacher data,
 tools, judge and page reader). A researcher's run fails in the first seconds, not after hours of SFT, when
 something it needs is wrong, with one line `error: --flag: what is wrong` (DESIGN.md "Rules"). The checks, in
@@ -16,11 +17,15 @@ capped by them (PAPER.md §4).
 """
 from __future__ import annotations
 
+import os
+import re
+
 import torch
 import torch.distributed as dist
 
 import toy_world as tw
 from distributed import Dist
+from atomic_thought import ALL_TOOLS
 from search_env import PAPER_LIMITS, Tools
 
 
@@ -54,10 +59,28 @@ def checked_tokenizer(model: str, max_context: int | None) -> tuple[object, int]
     return tokenizer, max_context
 
 
+def make_tools(spec: str, *, tokenizer, topk: int = 10, query_cache: str | None = None, reader_url: str | None = None,
+               reader_model: str | None = None) -> tuple[Tools, tuple[str, ...]]:
+    """(Tools, tool names) of a real run from its `--retriever` spec, the same for teacher data, training and
+    evaluation: "bm25:CORPUS" or "http(s)://retrieval-server" (passages without pages: web_search alone) or
+    "serper" (web pages: web_search + browse_webpage). `query_cache` names a sqlite file shared by all ranks."""
+    from retrievers import BM25Retriever, HTTPRetriever, QueryCache, SerperRetriever
+    if spec == "serper":
+        retriever, names = SerperRetriever(), ALL_TOOLS
+    elif spec.startswith("bm25:"):
+        retriever, names = BM25Retriever(spec[len("bm25:"):]), ("web_search",)
+    elif re.match(r"https?://", spec):
+        retriever, names = HTTPRetriever(spec), ("web_search",)
+    else:
+        raise ValueError(f"expected bm25:CORPUS, an http(s):// retrieval server or serper, got {spec!r}")
+    tools = Tools(retriever, topk=topk, tokenizer=tokenizer, cache=QueryCache(query_cache) if query_cache else None,
+                  reader_url=reader_url, reader_model=reader_model)
+    return tools, names
+
+
 def probed_tools(spec: str | None, *, tokenizer, topk: int, query_cache: str | None, reader_url: str | None,
                  reader_model: str | None) -> tuple[Tools, tuple[str, ...]]:
-    """search_env.make_tools(spec, ...), answering one probe search."""
-    from search_env import make_tools
+    """make_tools(spec, ...), answering one probe search."""
     if not spec:
         fail("--retriever", "a retriever is required with --model: bm25:CORPUS, a retrieval-server URL, or serper")
     try:
@@ -78,11 +101,21 @@ def check_reader(reader_url: str | None, reader_model: str | None, tool_names: t
 
 
 def check_endpoint(url: str, model: str, url_flag: str, model_flag: str, api_key_env: str = "OPENAI_API_KEY") -> None:
-    """An OpenAI-compatible endpoint (judge, teacher, reader) answers and lists `model`."""
-    from retrievers import endpoint_problem
-    problem = endpoint_problem(url, model, api_key_env=api_key_env)
-    if problem:
-        fail(url_flag if problem[0] == "url" else model_flag, problem[1])
+    """An OpenAI-compatible endpoint (judge, teacher, page reader) answers GET /v1/models and lists `model`. The
+    message names the fault's kind and the listed models only, never a header (the API key)."""
+    import requests
+    models = url.rstrip("/").removesuffix("/chat/completions").removesuffix("/v1") + "/v1/models"
+    key = os.environ.get(api_key_env)
+    try:
+        reply = requests.get(models, timeout=10, headers={"Authorization": f"Bearer {key}"} if key else None)
+        reply.raise_for_status()
+        names = [m["id"] for m in reply.json()["data"]]
+    except requests.RequestException as e:
+        fail(url_flag, f"{models} does not answer ({type(e).__name__})")
+    except (ValueError, KeyError, TypeError):
+        fail(url_flag, f"{models} is not an OpenAI-compatible model list")
+    if model not in names:
+        fail(model_flag, f"{url} serves {names}, not {model!r}")
 
 
 def vllm_engine(model_path: str, args, d: Dist):

@@ -355,26 +355,6 @@ class Tools:
         return text if len(words) <= budget else text[:words[budget - 1].end()] + " ...[truncated]"
 
 
-
-def make_tools(spec: str, *, tokenizer, topk: int = 10, query_cache: str | None = None, reader_url: str | None = None,
-               reader_model: str | None = None) -> tuple[Tools, tuple[str, ...]]:
-    """(Tools, tool names) of a real run from its `--retriever` spec, the same for teacher data, training and
-    evaluation: "bm25:CORPUS" or "http(s)://retrieval-server" (passages without pages: web_search alone) or
-    "serper" (web pages: web_search + browse_webpage). `query_cache` names a sqlite file shared by all ranks."""
-    from retrievers import BM25Retriever, HTTPRetriever, SerperRetriever
-    if spec == "serper":
-        retriever, names = SerperRetriever(), ALL_TOOLS
-    elif spec.startswith("bm25:"):
-        retriever, names = BM25Retriever(spec[len("bm25:"):]), ("web_search",)
-    elif re.match(r"https?://", spec):
-        retriever, names = HTTPRetriever(spec), ("web_search",)
-    else:
-        raise ValueError(f"expected bm25:CORPUS, an http(s):// retrieval server or serper, got {spec!r}")
-    tools = Tools(retriever, topk=topk, tokenizer=tokenizer, cache=QueryCache(query_cache) if query_cache else None,
-                  reader_url=reader_url, reader_model=reader_model)
-    return tools, names
-
-
 # ----------------------------------------------------------------------------- the episode loop
 # The episode limits of the paper's run (PAPER.md §4, DeepResearcher's): teacher data, training and evaluation
 # default to these, so the three see the same episodes (the toy world has its own, toy_world.LIMITS).

@@ -6,7 +6,7 @@ prompt, nor the filter; this file is our version of that step:
 
 1. The teacher plays the policy's part in `search_env.rollout`, so it sees exactly what the policy will see in
    training: the run's system prompt, tools, topk and limits (train.py's real run builds them the same way, through
-   `search_env.make_tools` and `atomic_thought.system_prompt`). Teachers, behind the engine interface:
+   `run_setup.make_tools` and `atomic_thought.system_prompt`). Teachers, behind the engine interface:
    - `ChatTeacherEngine`: an OpenAI-compatible chat endpoint (e.g. `vllm serve Qwen/Qwen2.5-72B-Instruct`), told
      how to write atomic thoughts by `TEACHER_INSTRUCTIONS` (our prompt), called concurrently with a bounded pool;
    - `ToyTeacherEngine`: the toy world's scripted, deliberately imperfect teacher (toy_world.teacher_turns).
@@ -150,7 +150,7 @@ class ChatTeacherEngine:
             return Completion([], [], "error", "", error="teacher: the reply is not a chat completion")
         # OpenAI-style servers drop the stop string from the text: put back the one this turn ended with
         # (vLLM names it in `stop_reason`; elsewhere the open tag tells).
-        stop = choice.get("stop_reason") if isinstance(choice, dict) else None
+        stop = choice.get("stop_reason")
         if isinstance(stop, str) and stop in params.stop and not text.rstrip().endswith(stop):
             text += stop
         elif "<tool_call>" in text and "</tool_call>" not in text:

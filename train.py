@@ -355,6 +355,12 @@ def main(argv=None) -> dict:
             engine.load_weights(named_full_tensors(model))
         return engine
 
+    def held_out(step: int) -> dict[str, float]:   # greedy F1 per benchmark of the current weights, also logged
+        before = counters(env)
+        scores = evaluate_heldout(synced_engine(), env, args, d, env["test"])
+        logger.log_eval(step, scores, counter_deltas(env, before, d))
+        return {name: s["f1"] for name, s in scores.items()}
+
     # --- stage 1: SFT on atomic-thought teacher trajectories (PAPER.md §1.2)
     if do_sft:
         t0 = time.perf_counter()
@@ -373,12 +379,9 @@ def main(argv=None) -> dict:
                            log=(lambda line: print(line, flush=True)) if d.rank == 0 else None)
         summary.update(sft_seconds=time.perf_counter() - t0, sft_final_loss=losses[-1])
         if env["test"]:
-            t0, before = time.perf_counter(), counters(env)
-            scores = evaluate_heldout(synced_engine(), env, args, d, env["test"])
-            summary["eval_seconds"] = time.perf_counter() - t0
-            summary["test_f1_sft_by_type"] = {name: s["f1"] for name, s in scores.items()}
-            summary["test_f1_sft"] = scores["all"]["f1"]
-            logger.log_eval(0, scores, counter_deltas(env, before, d))
+            t0 = time.perf_counter()
+            summary["test_f1_sft_by_type"] = held_out(0)
+            summary.update(eval_seconds=time.perf_counter() - t0, test_f1_sft=summary["test_f1_sft_by_type"]["all"])
         save_checkpoint(sft_dir, model, tokenizer, d, state={k: v for k, v in summary.items() if k.startswith("test")})
     if args.stage == "sft":
         return finish(args, d, summary, t_start, steps=0, engine=env["engine"])
@@ -456,13 +459,11 @@ def main(argv=None) -> dict:
                     f.write(f"reward {r:.3f} finish {t.finish}\n{show_mask(t, tokenizer, color=False)}\n\n")
             bar.update(1)
         if env["test"] and (step + 1 == args.grpo_steps or args.eval_every and (step + 1) % args.eval_every == 0):
-            t0, before = time.perf_counter(), counters(env)
-            scores = evaluate_heldout(synced_engine(), env, args, d, env["test"])
+            t0 = time.perf_counter()
+            f1 = held_out(step + 1)
             t_eval += time.perf_counter() - t0
-            logger.log_eval(step + 1, scores, counter_deltas(env, before, d))
             if step + 1 == args.grpo_steps:
-                summary["test_f1_grpo_by_type"] = {name: s["f1"] for name, s in scores.items()}
-                summary["test_f1_grpo"] = scores["all"]["f1"]
+                summary.update(test_f1_grpo_by_type=f1, test_f1_grpo=f1["all"])
         if (step + 1) % args.save_every == 0 or step + 1 == last:
             save_checkpoint(args.out / "checkpoints" / f"step_{step + 1:06d}", model, tokenizer, d,
                             optimizer=optimizer, state={"step": step + 1, "data_rng": data_rng.getstate()})

@@ -20,7 +20,8 @@ from qa_data import load_benchmark, load_jsonl_questions, load_questions, mix_co
     warn_bad_rows
 from retrievers import BM25Retriever
 from rrm_reward import ToyOracleRRM
-from search_env import Tools, make_tools
+from run_setup import make_tools
+from search_env import Tools
 
 ROOT = Path(__file__).resolve().parent.parent
 
