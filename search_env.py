@@ -433,6 +433,10 @@ def rollout(engine, tools, questions: list[dict], *, tokenizer, params, group_si
         t.logprobs += logprobs if trained else [0.0] * len(ids)
 
     for _ in range(max_turns):
+        for i in active:                # a prompt that fills the context has no room for a token (vLLM refuses it)
+            if len(trajs[i].prompt_ids) + len(trajs[i].ids) >= max_context:
+                trajs[i].finish = "length"
+        active = [i for i in active if not trajs[i].finish]
         if not active:
             break
         completions = engine.generate([trajs[i].prompt_ids + trajs[i].ids for i in active], params)
@@ -468,7 +472,7 @@ def rollout(engine, tools, questions: list[dict], *, tokenizer, params, group_si
             t.n_tool_calls += 1
             t.tool_responses.append(response)
             injected = glue.tool_ids(response)
-            if len(t.prompt_ids) + len(t.ids) + len(injected) > max_context:
+            if len(t.prompt_ids) + len(t.ids) + len(injected) >= max_context:   # no room left to sample a token
                 t.finish = "length"
                 continue
             extend(t, injected, False)

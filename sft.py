@@ -18,17 +18,17 @@ one prompt and rolled out on another).
 
 Run:
     python sft.py make-data ...                   # teacher data (teacher_data.py; --help lists the flags)
-    python sft.py --data sft.jsonl --model DIR --out DIR2 [--steps N]     (also under torchrun: DDP)
+    python sft.py --data sft.jsonl --model DIR --out DIR2 [--steps N]     (also under torchrun: FSDP2)
 The 8-GPU FSDP2 run of this stage is `torchrun --nproc_per_node=8 train.py --stage sft ...`.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -118,19 +118,37 @@ def first_turn(example: tuple[list[int], list[int]]) -> tuple[list[int], list[in
     return ids[:end], mask[:end]
 
 
-def sft_step(model, rows: list[tuple[list[int], list[int]]], *, pad_id: int, micro_batch: int,
-             n_tokens: float, loss_scale: float = 1.0) -> float:
-    """Forward + backward of one optimizer step's rows in micro-batches; returns the step's loss.
+def micro_batches(rows: list, budget: int) -> list[list]:
+    """Pack rows (each starting with its token ids), sorted by length, into micro-batches of at most `budget`
+    padded tokens; a row longer than the budget gets a micro-batch of its own. SFT and GRPO both use it, so a
+    micro-batch's activations and logits scale with its tokens, not with its number of rows."""
+    rows = sorted(rows, key=lambda r: len(r[0]))
+    out, current = [], []
+    for r in rows:
+        if current and (len(current) + 1) * len(r[0]) > budget:
+            out.append(current)
+            current = []
+        current.append(r)
+    return out + ([current] if current else [])
+
+
+def sft_step(model, rows: list[tuple[list[int], list[int]]], *, pad_id: int, micro_batch_tokens: int,
+             n_tokens: float, loss_scale: float = 1.0, max_count=None) -> float:
+    """Forward + backward of one optimizer step's rows in token-budget micro-batches; returns the step's loss.
 
     Gradients accumulate; each micro-batch's loss is divided by the step's global token count `n_tokens`
     (times `loss_scale`, which a caller under gradient averaging sets to the world size), so the sum over
-    micro-batches and ranks is the token-mean of the whole step.
+    micro-batches and ranks is the token-mean of the whole step. `max_count(n)` (several ranks) is the largest
+    micro-batch count over the ranks: each FSDP forward/backward is a collective, so a rank with fewer pads with
+    micro-batches of one two-token row of mask 0 (the same path, a zero loss).
     """
     device = next(model.parameters()).device
     total = 0.0
-    rows = sorted(rows, key=lambda r: len(r[0]))   # similar lengths share a micro-batch: less padding, same sum
-    for start in range(0, len(rows), micro_batch):
-        input_ids, attention_mask, loss_mask = (x.to(device) for x in collate(rows[start:start + micro_batch], pad_id))
+    mbs = micro_batches(rows, micro_batch_tokens)
+    if max_count is not None:
+        mbs += [[([pad_id, pad_id], [0, 0])]] * (max_count(len(mbs)) - len(mbs))
+    for mb in mbs:
+        input_ids, attention_mask, loss_mask = (x.to(device) for x in collate(mb, pad_id))
         loss = sft_loss(model, input_ids, attention_mask, loss_mask, n_tokens=n_tokens)
         (loss * loss_scale).backward()
         total += loss.item()
@@ -138,14 +156,13 @@ def sft_step(model, rows: list[tuple[list[int], list[int]]], *, pad_id: int, mic
 
 
 def train_sft(model, examples: list[tuple[list[int], list[int]]], *, pad_id: int, steps: int, batch_size: int,
-              lr: float, micro_batch: int = 8, grad_clip: float = 1.0, seed: int = 0, log=print, rank: int = 0,
-              all_reduce=None, loss_scale: float = 1.0, reduce_gradients=None) -> list[float]:
+              lr: float, micro_batch_tokens: int = 8192, grad_clip: float = 1.0, seed: int = 0, log=print,
+              rank: int = 0, all_reduce=None, loss_scale: float = 1.0, max_count=None) -> list[float]:
     """Plain SFT loop: AdamW, constant lr, `steps` steps of `batch_size` examples per rank -> per-step losses.
 
     Each example is prompt_ids + ids with mask (0 on the prompt). Under several ranks `all_reduce(tensor)` sums a
-    tensor across ranks (the step's token count), and the gradients must end up summed over ranks: a model that
-    averages them (DDP, FSDP) needs `loss_scale` = the world size; otherwise `reduce_gradients()`, called after the
-    backward passes, sums them (train.py's CPU path).
+    tensor across ranks (the step's token count), a model that averages gradients over ranks (FSDP, DDP) needs
+    `loss_scale` = the world size, and `max_count` equalizes the micro-batch counts (distributed.sft_collectives).
     """
     generator = random.Random(seed + rank)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -157,10 +174,8 @@ def train_sft(model, examples: list[tuple[list[int], list[int]]], *, pad_id: int
         n_tokens = torch.tensor(float(sum(sum(m) for _, m in rows)))
         if all_reduce is not None:
             all_reduce(n_tokens)                      # global mask-1 count of the step, once, before backward
-        loss = sft_step(model, rows, pad_id=pad_id, micro_batch=micro_batch, n_tokens=n_tokens.item(),
-                        loss_scale=loss_scale)
-        if reduce_gradients is not None:
-            reduce_gradients()
+        loss = sft_step(model, rows, pad_id=pad_id, micro_batch_tokens=micro_batch_tokens, n_tokens=n_tokens.item(),
+                        loss_scale=loss_scale, max_count=max_count)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         if torch.isfinite(grad_norm):
             optimizer.step()
@@ -213,31 +228,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output directory for the fine-tuned checkpoint")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per step per rank")
-    parser.add_argument("--micro-batch", type=int, default=8, help="examples per forward/backward")
+    parser.add_argument("--micro-batch-tokens", type=int, default=8192, help="padded tokens per forward/backward")
     parser.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (constant)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (offset by rank)")
     args = parser.parse_args(argv)
 
-    import torch.distributed as dist
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    ddp = "RANK" in os.environ                        # the same script under python and torchrun
-    rank, world_size = 0, 1
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    from transformers import AutoTokenizer
+    from distributed import Dist, export_hf, load_model, sft_collectives
+    d = Dist()                                        # the same script under python and torchrun (FSDP2)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
+    model = load_model(args.model, d)
     examples = load_examples(args.data, tokenizer)
-    wrapped = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
-    train_sft(wrapped, examples, pad_id=tokenizer.pad_token_id or 0, steps=args.steps, batch_size=args.batch_size,
-              lr=args.lr, micro_batch=args.micro_batch, seed=args.seed, rank=rank, loss_scale=world_size,
-              all_reduce=dist.all_reduce if ddp else None, log=print if rank == 0 else None)
-    if rank == 0:
-        model.save_pretrained(args.out)
-        tokenizer.save_pretrained(args.out)
-        print(f"saved {args.out}")
-    if ddp:
+    train_sft(model, examples, pad_id=tokenizer.pad_token_id or 0, steps=args.steps, batch_size=args.batch_size,
+              lr=args.lr, micro_batch_tokens=args.micro_batch_tokens, seed=args.seed, **sft_collectives(d),
+              log=print if d.rank == 0 else None)
+    export_hf(Path(args.out), model, tokenizer, d)
+    if d.rank == 0:
+        print(f"saved {args.out} (bf16)")
+    if d.on:
+        import torch.distributed as dist
         dist.destroy_process_group()
 
 

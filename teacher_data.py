@@ -343,6 +343,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # the toy world's scripted teacher
     p.add_argument("--toy", action="store_true", help="the toy world's scripted teacher instead of an LLM")
     p.add_argument("--world-seed", type=int, default=0, help="--toy: world seed")
+    p.add_argument("--real-prompt", action="store_true",
+                   help="--toy: under a real run's system prompt (rows for train.py --model on a toy-world model)")
     p.add_argument("--n", type=int, help="--toy: train questions to run the teacher on (default: the demo's)")
     p.add_argument("--premature-rate", type=float, help="--toy: teacher flaw, answer one hop early")
     p.add_argument("--wrong-search-rate", type=float, help="--toy: teacher flaw, misspelt first search")
@@ -378,6 +380,7 @@ def real_setup(args) -> dict:
 def toy_setup(args) -> dict:
     """The toy world's scripted teacher on its train split, with the demo's flaws and limits."""
     import toy_world as tw
+    from atomic_thought import system_prompt
     from retrievers import BM25Retriever
     from search_env import Tools
     world = tw.build_world(args.world_seed)
@@ -390,7 +393,8 @@ def toy_setup(args) -> dict:
     teacher = ToyTeacherEngine(tokenizer, questions, **flaws, seed=args.world_seed)
     return dict(teacher=teacher, tokenizer=tokenizer, tools=Tools(BM25Retriever(corpus), topk=tw.TOPK,
                                                                  tokenizer=tokenizer),
-                tool_names=tw.TOOLS, questions=questions, system=tw.SYSTEM, **tw.LIMITS,
+                tool_names=tw.TOOLS, questions=questions, **tw.LIMITS,
+                system=system_prompt(tw.TOOLS) if args.real_prompt else tw.SYSTEM,
                 min_f1=0.0 if args.min_f1 is None else args.min_f1)
 
 

@@ -19,29 +19,31 @@ exactly that on CPU with tiny sizes. Every startup check (the model's chat templ
 SFT data's system prompt, the retriever, the judge and reader endpoints) runs before any expensive work and names
 the flag to fix.
 
-Distributed (training_design.md §2; the mechanics are in distributed.py): one process per GPU; FSDP2
-(`fully_shard` per decoder layer, bf16 params, fp32 gradient reduction, activation checkpointing); a colocated
-VLLMEngine per rank whose weights are pushed from the trainer before every rollout; each rank rolls out whole
-prompt groups, so advantages need no communication; the mask-token count of the step is all-reduced once;
-micro-batch counts are equalized across ranks; metrics are all-reduced and rank 0 logs and saves. On CPU (gloo)
-the ranks keep full models and sum their gradients by hand (FSDP2 on gloo does not average correctly,
-pytorch#162338).
+Distributed (the mechanics are in distributed.py; README "Memory budget"): one process per GPU; FSDP2
+(`fully_shard` per decoder layer, bf16 compute on fp32 master weights, fp32 gradient reduction, activation
+checkpointing; HSDP across nodes) on every torchrun rank, CPU/gloo ranks included, which is how the tests run it;
+rank 0 reads the weights and broadcasts the shards; a colocated VLLMEngine per rank sleeps while the trainer works
+and gets its weights streamed one parameter at a time before every rollout (the HF engine, which cannot generate
+from a sharded model, gets an unsharded copy the same way); each rank rolls out whole prompt groups, so advantages
+need no communication; the mask-token count of the step is all-reduced once; micro-batches hold at most
+--micro-batch-tokens padded tokens and their counts are equalized across ranks; metrics are all-reduced and rank 0
+logs; checkpoints are DCP (resumable on another world size), the SFT and final models are bf16 HF exports.
 
 Our choices where the paper is silent, each a flag: toy presets (with a first-turn SFT warm-up that lets the
 tiny model learn to copy names, --sft-warmup-steps; 0 for real models); TIS on; KL only when --kl-beta > 0 (then the
-SFT model is loaded again from its checkpoint as the frozen reference, also after --resume); groups whose rewards
-are all equal are dropped from the update; held-out evaluation every 50 steps.
+SFT model's bf16 export is loaded as the frozen reference, also after --resume); groups whose rewards are all equal
+are dropped from the update; held-out evaluation every 50 steps; the process-group timeout (--dist-timeout, 120
+minutes) and --keep-checkpoints 2.
 
 Logging: one line per step on rank 0 and a metrics.jsonl record with every reward component, the finish reasons and
 the tools' and judge's counters of the step (searches, failures, cache hits, judge calls and fallbacks), summed over
-the ranks; held-out questions (--eval-data, or the toy's test split) are evaluated greedily after SFT, every
+the ranks, and on GPUs the trainer's peak memory in the rollout and the update (mem_rollout_gb, mem_update_gb); held-out questions (--eval-data, or the toy's test split) are evaluated greedily after SFT, every
 --eval-every GRPO steps and at the end, sharded over the ranks, F1/EM per benchmark as {"step", "eval"} records.
-Not covered: multi-node HSDP meshes (torchrun's rendezvous works, sharding spans all ranks), vLLM sleep mode.
 """
 from __future__ import annotations
 
 import argparse
-import copy
+import hashlib
 import json
 import math
 import random
@@ -53,14 +55,14 @@ import torch.distributed as dist
 
 import toy_world as tw
 from curriculum import SCHEDULES, alpha, blend
-from distributed import (Dist, latest_checkpoint, named_full_tensors, prepare_model, reduce_gradients,
-                         save_checkpoint, sft_collectives)
+from distributed import (CheckpointError, Dist, export_hf, latest_checkpoint, load_checkpoint, load_model,
+                         named_full_tensors, peak_memory, prepare_model, reset_peak_memory, save_checkpoint, sft_collectives)
 from engine import HFEngine, SamplingParams
 from evaluate import exact_match, f1_score
 from grpo import group_advantages, grpo_loss, nonzero_groups, token_logprobs
 from run_setup import fail, setup_real, setup_toy
 from search_env import PAPER_LIMITS, rollout, show_mask
-from sft import collate, first_turn, training_example, train_sft
+from sft import collate, first_turn, micro_batches, training_example, train_sft
 
 # The paper's recipe (PAPER.md §4, DeepResearcher's) for real models, and ours for the CPU toy run. Toy choices
 # (LOG.md): a first-turn SFT warm-up, then enough whole-trajectory steps for the tiny model to learn to read values
@@ -92,6 +94,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many GRPO steps in this invocation (time-limited jobs; then --resume)")
     p.add_argument("--seed", type=int, default=0, help="seed of world, data order and sampling (offset by rank)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept in --out (0: all)")
+    # distributed and memory (distributed.py; README "Memory budget")
+    p.add_argument("--dist-timeout", type=float, default=120,
+                   help="minutes a rank waits in a collective before the run fails (our default)")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help="ranks sharing one copy of the parameters (default: one node; fewer than all ranks: HSDP)")
+    p.add_argument("--vllm-gpu-memory", type=float, default=0.4, help="share of GPU memory vLLM takes when awake")
+    p.add_argument("--vllm-max-num-seqs", type=int, default=None, help="sequences vLLM decodes at once")
+    p.add_argument("--vllm-sleep", type=int, choices=(0, 2), default=2,
+                   help="2: vLLM frees weights and KV cache while the trainer works (GPU only); 0: stays resident")
     # environment
     p.add_argument("--retriever", default=None, help="bm25:CORPUS | http(s)://retrieval-server | serper")
     p.add_argument("--topk", type=int, help="results per search (paper: 10)")
@@ -171,18 +183,6 @@ def rewards_of(trajs, rrm, alpha_t: float) -> tuple[list[float], dict, list]:
                      "reward": sum(rewards) / len(trajs)}, atrs
 
 
-def micro_batches(rows: list, budget: int) -> list[list]:
-    """Pack rows, sorted by length, into micro-batches of at most `budget` padded tokens."""
-    rows = sorted(rows, key=lambda r: len(r[0]))
-    out, current = [], []
-    for r in rows:
-        if current and (len(current) + 1) * len(r[0]) > budget:
-            out.append(current)
-            current = []
-        current.append(r)
-    return out + ([current] if current else [])
-
-
 def grpo_update(model, optimizer, trajs, advantages: torch.Tensor, args, d: Dist, *, pad_id: int,
                 ref_model=None) -> dict:
     """One optimizer step on the rollout batch (on-policy: old_logp = logp.detach(), ratio exactly 1)."""
@@ -195,15 +195,14 @@ def grpo_update(model, optimizer, trajs, advantages: torch.Tensor, args, d: Dist
     if n_tokens == 0:                               # every group had equal rewards: nothing to learn from
         return {"loss": 0.0, "grad_norm": 0.0, "skipped": 1, "tokens": 0}
     mbs = micro_batches(rows, args.micro_batch_tokens)
-    mbs += [[]] * (d.max(len(mbs)) - len(mbs))      # equal micro-batch counts on every rank (FSDP collectives)
-    scale = d.world if (d.on and d.cuda) else 1     # FSDP averages gradients; the CPU path sums them
+    # Equal micro-batch counts on every rank: each FSDP forward/backward (the reference's too) is a collective. A
+    # padding micro-batch is one row of two pad tokens with mask 0: the same path, a zero loss.
+    padding = [([pad_id, pad_id], [0, 0], [0.0, 0.0], 0.0)]
+    mbs += [padding] * (d.max(len(mbs)) - len(mbs))
+    scale = d.world if d.fsdp else 1                # FSDP averages gradients over the ranks: undo it
     model.train()
     stats_sum, device = {}, d.device
     for mb in mbs:
-        if not mb:                                  # a padding micro-batch: joins the collectives, adds nothing
-            dummy = torch.zeros(1, 2, dtype=torch.long, device=device)
-            (token_logprobs(model, dummy).sum() * 0.0).backward()
-            continue
         input_ids, attention_mask, mask = (x.to(device) for x in collate([(r[0], r[1]) for r in mb], pad_id))
         sampler = torch.zeros_like(mask)                                 # (B, T) vLLM/HF log-probs, for TIS
         for i, r in enumerate(mb):
@@ -217,12 +216,11 @@ def grpo_update(model, optimizer, trajs, advantages: torch.Tensor, args, d: Dist
         loss, stats = grpo_loss(logp, logp.detach(), adv, mask, n_tokens=n_tokens, sampler_logp=sampler,
                                 ref_logp=ref_logp, kl_beta=args.kl_beta)
         (loss * scale).backward()
-        for k, v in stats.items():     # sums for loss terms, min/max for ratios, token-weighted means otherwise
+        for k, v in stats.items() if mb is not padding else ():     # sums for loss terms, min/max for ratios, token-weighted means otherwise
             if k == "ratio_min" or k == "ratio_max":
                 stats_sum[k] = (min if k == "ratio_min" else max)(stats_sum.get(k, v), v)
             else:
                 stats_sum[k] = stats_sum.get(k, 0.0) + (v if k in ("loss", "pg_loss", "tokens") else v * stats["tokens"])
-    reduce_gradients(model, d)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
     finite = math.isfinite(grad_norm) and math.isfinite(stats_sum.get("loss", 0.0))   # else skip the step
     if finite:
@@ -318,46 +316,91 @@ class Logger:
 
 
 # ----------------------------------------------------------------------------- main
+def vocab_hash(tokenizer) -> str:
+    """A fingerprint of the tokenizer's vocabulary, kept in every checkpoint: token ids mean nothing under another."""
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
+
+
+def check_same_tokenizer(checkpoint: Path | None, sft_dir: Path, tokenizer) -> None:
+    """--resume continues with the tokenizer the saved weights were trained with, or stops (`error: --resume`)."""
+    from transformers import AutoTokenizer
+    state = checkpoint / "state.json" if checkpoint is not None else None
+    saved = json.loads(state.read_text()).get("tokenizer") if state is not None and state.exists() else None
+    if saved is None and (sft_dir / "model").exists():
+        saved = vocab_hash(AutoTokenizer.from_pretrained(sft_dir / "model"))
+    if saved is not None and saved != vocab_hash(tokenizer):
+        fail("--resume", f"{checkpoint or sft_dir} was saved with another tokenizer than this run's (a changed toy "
+                         "world or --model?): its token ids would be misread")
+
+
+def generation_copy(model, d: Dist):
+    """An unsharded copy of the policy's architecture for HFEngine under FSDP (filled by the first weight sync):
+    a sharded model cannot generate, its every forward is a collective and ranks stop at different tokens."""
+    from transformers import AutoModelForCausalLM
+    with torch.device(d.device):
+        copy = AutoModelForCausalLM.from_config(model.config, dtype=torch.bfloat16 if d.cuda else torch.float32)
+    return copy.eval().requires_grad_(False)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    d = Dist()
+    try:
+        d = Dist(timeout_minutes=args.dist_timeout, shard_size=args.shard_size)
+    except ValueError as e:
+        fail("--shard-size", str(e))
+    args.out = Path(d.broadcast(str(args.out)))    # rank 0's clock names the default folder: one run, one folder
     torch.manual_seed(args.seed + d.rank)
     if d.rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
-    if d.on:
-        dist.barrier()
+    d.barrier()
     t_start = time.perf_counter()
-    sft_dir, resume_from = args.out / "sft_model", latest_checkpoint(args.out) if args.resume else None
-    do_sft = args.stage in ("sft", "all") and not (args.resume and (sft_dir / "model").exists())
+    sft_dir, checkpoint_dir = args.out / "sft_model", args.out / "checkpoints"
+    resume_from = latest_checkpoint(args.out) if args.resume else None     # step_000000 is the SFT model
+    sft_done = args.resume and (resume_from is not None or (sft_dir / "model").exists())
+    do_sft = args.stage in ("sft", "all") and not sft_done
     env = setup_toy(args, d) if args.model is None else setup_real(args, d, needs_sft_data=do_sft)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}   # resolved by the setup
     if d.rank == 0:
         print("config: " + json.dumps(config), flush=True)
         (args.out / "config.json").write_text(json.dumps(config, indent=1))
-    tokenizer, model = env["tokenizer"], env["model"]
-    state = json.loads((resume_from / "state.json").read_text()) if resume_from else {"step": 0}
-    logger = Logger(args.out, d, args.wandb, config, keep_until=state["step"] if args.resume else None)
+    tokenizer = env["tokenizer"]
     summary = {"seed": args.seed, "reward": args.reward, "alpha0": args.alpha0}
-    if args.resume and (resume_from or (sft_dir / "model").exists()):
-        from transformers import AutoModelForCausalLM, AutoTokenizer   # continue from saved weights
-        src = resume_from or sft_dir
-        if AutoTokenizer.from_pretrained(src / "model").get_vocab() != tokenizer.get_vocab():
-            fail("--resume", f"{src} was saved with another tokenizer than this run's (a changed toy world or "
-                             "--model?): its token ids would be misread")
-        model = AutoModelForCausalLM.from_pretrained(src / "model", dtype=torch.float32)
-        summary.update(json.loads((sft_dir / "state.json").read_text()) if (sft_dir / "state.json").exists() else {})
-    model = prepare_model(model, d)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    engine = env["engine"] or HFEngine(model, tokenizer)     # HF shares the trainer's model: nothing to sync
+    if sft_done:
+        check_same_tokenizer(resume_from, sft_dir, tokenizer)
+        if (sft_dir / "state.json").exists():
+            summary.update(json.loads((sft_dir / "state.json").read_text()))
 
-    def synced_engine():   # vLLM holds its own copy of the weights: push the trainer's before it generates
-        if env["engine"] is not None:
-            engine.load_weights(named_full_tensors(model))
+    # The policy, sharded under torchrun: rank 0 reads the weights (the SFT export when resuming from it alone), and
+    # a checkpoint overwrites them; the toy's tiny model is built in memory by every rank. Then GRPO's optimizer
+    # (SFT makes its own), so that a checkpoint can fill both.
+    source = sft_dir / "model" if sft_done and resume_from is None else args.model
+    model = load_model(source, d) if source is not None else prepare_model(env.pop("model"), d)
+    env["model"] = None                            # no second copy of the weights stays alive
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    state = {"step": 0}
+    if resume_from is not None:
+        try:
+            state = load_checkpoint(resume_from, model, d, optimizer)
+        except CheckpointError as e:
+            fail("--resume", str(e))
+    logger = Logger(args.out, d, args.wandb, config, keep_until=state["step"] if args.resume else None)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    engine, separate = env["engine"], env["engine"] is not None
+    if engine is None and d.fsdp:   # a sharded model cannot generate (each new token would be a collective)
+        engine, separate = HFEngine(generation_copy(model, d), tokenizer), True
+    elif engine is None:
+        engine = HFEngine(model, tokenizer)        # shares the trainer's model: nothing to sync
+    sync_dtype = torch.bfloat16 if d.cuda else torch.float32
+
+    def synced_engine():   # an engine with its own weights gets the trainer's, streamed, before it generates
+        if separate:
+            engine.load_weights(named_full_tensors(model, sync_dtype))
         return engine
 
     def held_out(step: int) -> dict[str, float]:   # greedy F1 per benchmark of the current weights, also logged
         before = counters(env)
         scores = evaluate_heldout(synced_engine(), env, args, d, env["test"])
+        engine.sleep()
         logger.log_eval(step, scores, counter_deltas(env, before, d))
         return {name: s["f1"] for name, s in scores.items()}
 
@@ -370,39 +413,38 @@ def main(argv=None) -> dict:
                 print(f"teacher data: {counts}; the first example:\n{tokenizer.decode(examples[0][0])}", flush=True)
         else:
             examples = env["sft_examples"]
-        common = dict(pad_id=pad_id, lr=args.sft_lr, seed=args.seed, **sft_collectives(model, d))
+        common = dict(pad_id=pad_id, lr=args.sft_lr, seed=args.seed, micro_batch_tokens=args.micro_batch_tokens,
+                      **sft_collectives(d))
         if args.sft_warmup_steps:   # first turns only: cheap sequences on which copying the question's name is learnt
             train_sft(model, [first_turn(e) for e in examples], steps=args.sft_warmup_steps,
                       batch_size=2 * args.sft_batch, **common,
                       log=(lambda line: print("warm-up " + line, flush=True)) if d.rank == 0 else None)
         losses = train_sft(model, examples, steps=args.sft_steps, batch_size=args.sft_batch, **common,
                            log=(lambda line: print(line, flush=True)) if d.rank == 0 else None)
-        summary.update(sft_seconds=time.perf_counter() - t0, sft_final_loss=losses[-1])
+        summary.update(sft_seconds=time.perf_counter() - t0, sft_final_loss=losses[-1], **peak_memory(d, "sft"))
         if env["test"]:
             t0 = time.perf_counter()
             summary["test_f1_sft_by_type"] = held_out(0)
             summary.update(eval_seconds=time.perf_counter() - t0, test_f1_sft=summary["test_f1_sft_by_type"]["all"])
-        save_checkpoint(sft_dir, model, tokenizer, d, state={k: v for k, v in summary.items() if k.startswith("test")})
+        export_hf(sft_dir / "model", model, tokenizer, d)           # bf16: the KL reference, evaluate.py, vLLM
+        if d.rank == 0:
+            (sft_dir / "state.json").write_text(json.dumps({k: v for k, v in summary.items() if k.startswith("test")}))
+        save_checkpoint(checkpoint_dir / "step_000000", model, d, keep=args.keep_checkpoints,   # fp32, to resume
+                        state={"step": 0, "tokenizer": vocab_hash(tokenizer)})
     if args.stage == "sft":
         return finish(args, d, summary, t_start, steps=0, engine=env["engine"])
 
     # --- stage 2: GRPO with the curriculum-blended reward (PAPER.md §3, §4)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     data_rng, start = random.Random(args.seed), state["step"]
-    if resume_from is not None:
+    if "data_rng" in state:
         version, internal, gauss = state["data_rng"]                  # random.getstate() through JSON
         data_rng.setstate((version, tuple(internal), gauss))
-        saved = torch.load(resume_from / f"rank{d.rank}.pt", weights_only=False)
-        optimizer.load_state_dict(saved["optimizer"])
-        torch.set_rng_state(saved["torch_rng"])
-        if d.cuda and saved["cuda_rng"] is not None:
-            torch.cuda.set_rng_state(saved["cuda_rng"])
     ref_model = None
-    if args.kl_beta > 0:   # the frozen SFT policy, for the k3 KL term only: the SFT model, also after --resume
-        from transformers import AutoModelForCausalLM
-        ref_model = (AutoModelForCausalLM.from_pretrained(sft_dir / "model", dtype=torch.float32)
-                     if (sft_dir / "model").exists() else copy.deepcopy(getattr(model, "module", model)))
-        ref_model = prepare_model(ref_model.eval().requires_grad_(False), d)
+    if args.kl_beta > 0:   # the frozen SFT policy, for the k3 KL term only (also after --resume), like the policy
+        ref_source = sft_dir / "model" if (sft_dir / "model").exists() else args.model
+        ref_model = (load_model(ref_source, d, dtype=sync_dtype, trainable=False) if ref_source is not None else
+                     prepare_model(tw.build_tiny_model(tokenizer, seed=args.seed).requires_grad_(False).eval(), d,
+                                   trainable=False))    # the toy without SFT: its initial weights, rebuilt
     params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     per_rank = args.prompts_per_step // d.world
     consecutive_skips, t_eval = 0, 0.0
@@ -415,6 +457,7 @@ def main(argv=None) -> dict:
     for step in range(start, last):
         t0 = time.perf_counter()
         before = counters(env)
+        reset_peak_memory(d)
         synced_engine()   # before every rollout, step 0 included
         t_sync = time.perf_counter()
         picked = data_rng.sample(env["train"], args.prompts_per_step)       # same draw on every rank
@@ -422,7 +465,8 @@ def main(argv=None) -> dict:
         trajs = rollout(engine, env["tools"], questions, tokenizer=tokenizer, params=params,
                         group_size=args.group_size, max_turns=args.max_turns, max_context=args.max_context,
                         system=env["system"], tool_names=env["tool_names"])
-        t_rollout = time.perf_counter()
+        engine.sleep()                     # vLLM frees its weights and KV cache while the trainer works
+        t_rollout, memory = time.perf_counter(), peak_memory(d, "rollout")
         alpha_t = alpha(step, args.grpo_steps, args.schedule, args.alpha0)
         rewards, reward_stats, atrs = rewards_of(trajs, env["rrm"], alpha_t)
         t_judge = time.perf_counter()
@@ -435,12 +479,13 @@ def main(argv=None) -> dict:
         if consecutive_skips >= 5:
             raise SystemExit(f"stopping: {consecutive_skips} consecutive steps had a non-finite loss or gradient")
         t_update = time.perf_counter()
+        memory.update(peak_memory(d, "update"))
         n = d.sum(len(trajs))
         step_counts = counter_deltas(env, before, d)
         record = {"step": step + 1, "alpha": alpha_t, **{k: d.sum(v * len(trajs)) / n for k, v in reward_stats.items()},
                   "tool_calls": d.sum(sum(t.n_tool_calls for t in trajs)) / n,
                   "masked_frac": 1 - d.sum(sum(sum(t.mask) for t in trajs)) / max(1, d.sum(sum(len(t.ids) for t in trajs))),
-                  "groups_kept": d.sum(int(keep.sum())) / args.group_size, **step_counts,
+                  "groups_kept": d.sum(int(keep.sum())) / args.group_size, **step_counts, **memory,
                   **{f"update_{k}": v for k, v in update.items()},
                   "time_sync": t_sync - t0, "time_rollout": t_rollout - t_sync, "time_judge": t_judge - t_rollout,
                   "time_update": t_update - t_judge,
@@ -465,8 +510,11 @@ def main(argv=None) -> dict:
             if step + 1 == args.grpo_steps:
                 summary.update(test_f1_grpo_by_type=f1, test_f1_grpo=f1["all"])
         if (step + 1) % args.save_every == 0 or step + 1 == last:
-            save_checkpoint(args.out / "checkpoints" / f"step_{step + 1:06d}", model, tokenizer, d,
-                            optimizer=optimizer, state={"step": step + 1, "data_rng": data_rng.getstate()})
+            save_checkpoint(checkpoint_dir / f"step_{step + 1:06d}", model, d, optimizer=optimizer,
+                            keep=args.keep_checkpoints, state={"step": step + 1, "data_rng": data_rng.getstate(),
+                                                               "tokenizer": vocab_hash(tokenizer)})
+        if step + 1 == args.grpo_steps:
+            export_hf(args.out / "final_model", model, tokenizer, d)   # bf16, for evaluate.py and vLLM
     if bar is not None:
         bar.close()
     summary["grpo_seconds"] = time.perf_counter() - t_grpo - t_eval

@@ -27,6 +27,7 @@ import pytest
 import requests
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import toy_world as tw
 from atomic_thought import system_prompt
@@ -125,6 +126,7 @@ def test_the_researchers_run_end_to_end(tmp_path):
     teacher_url = f"http://127.0.0.1:{teacher_port}"
     questions_dir, sft_data, out, cache = tmp_path / "questions", tmp_path / "sft.jsonl", tmp_path / "run", \
         tmp_path / "cache.sqlite"
+    killed = None
     try:
         services[1].wait(retrieval_url + "/health")
         # 1. training questions (README step 1), written once so that every later step reads the same file
@@ -153,7 +155,7 @@ def test_the_researchers_run_end_to_end(tmp_path):
                  "--eval-data", ",".join(str(data / f"{n}.jsonl") for n in EVAL_FILES), "--eval-limit", "4",
                  "--eval-every", "2", *LIMITS, "--sft-steps", "150", "--sft-batch", "8", "--sft-lr", "3e-3",
                  "--grpo-steps", "6", "--prompts-per-step", "4", "--group-size", "4", "--temperature", "0.7",
-                 "--save-every", "1"]
+                 "--save-every", "1", "--keep-checkpoints", "0"]
         with (logs / "train_killed.log").open("w") as f:
             killed = subprocess.Popen(train, env=ENV, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 1200
@@ -172,13 +174,16 @@ def test_the_researchers_run_end_to_end(tmp_path):
         resumed = run(train + ["--resume"], logs / "train_resumed.log")
         assert "sft step" not in resumed                                 # SFT is not redone
 
-        # 4. evaluation of the final checkpoint (README step 4)
-        final = out / "checkpoints" / "step_000006" / "model"
+        # 4. evaluation of the final model (README step 4)
+        final = out / "final_model"
         run([PY, "evaluate.py", "--model", str(final), "--data-dir", str(data), "--benchmarks", ",".join(EVAL_FILES),
              "--limit", "4", "--retriever", retrieval_url, *LIMITS, "--out", str(tmp_path / "eval")],
             logs / "evaluate.log")
     finally:
         exit_codes = {s.name: s.stop() for s in services}
+        if killed is not None and killed.poll() is None:      # a failed assertion left the training running
+            for p in [psutil.Process(killed.pid)] + psutil.Process(killed.pid).children(recursive=True):
+                p.kill()
 
     # every process ended cleanly, and nothing anywhere printed a traceback
     assert exit_codes == {"judge": 0, "retrieval": 0, "teacher": 0}, exit_codes
@@ -210,11 +215,17 @@ def test_the_researchers_run_end_to_end(tmp_path):
     assert sum(r["cache_hits"] for r in evals[1:]) > 0
     assert all(r["eval"][n]["n"] == 4 for r in evals for n in EVAL_FILES) and all(r["eval"]["all"]["n"] == 8
                                                                                   for r in evals)
-    # checkpoints written, and GRPO changed the SFT model
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step_{s:06d}" for s in range(1, 7)]
+    # checkpoints written (step 0: after SFT), GRPO changed the SFT model (fp32 in DCP: at lr 1e-6 the bf16 exports
+    # hardly differ), and the final export is the last checkpoint's model in bf16
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step_{s:06d}" for s in range(0, 7)]
     assert json.loads((out / "summary.json").read_text())["steps"] == 6
-    sft, after = load_file(out / "sft_model" / "model" / "model.safetensors"), load_file(final / "model.safetensors")
-    assert any(not torch.equal(sft[k], after[k]) for k in sft)
+    weights = {}
+    for s in (0, 6):
+        dcp_to_torch_save(out / "checkpoints" / f"step_{s:06d}" / "dcp", tmp_path / f"{s}.pt")
+        weights[s] = torch.load(tmp_path / f"{s}.pt", weights_only=False)["model"]
+    assert any(not torch.equal(weights[0][k], weights[6][k]) for k in weights[0])
+    exported = load_file(final / "model.safetensors")
+    assert all(torch.equal(exported[k], weights[6][k].bfloat16()) for k in exported)
     # evaluate.py's outputs for both held-out benchmarks
     result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert {n: result["benchmarks"][n]["evaluated"] for n in EVAL_FILES} == {"hotpotqa": 4, "bamboogle": 4}

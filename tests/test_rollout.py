@@ -114,6 +114,29 @@ def test_turn_and_context_limits(world, tokenizer, tools):
     assert all(t.finish == "length" and len(t.prompt_ids) + len(t.ids) <= limit for t in trajs)
 
 
+def test_a_context_filled_to_the_limit_ends_the_episode_before_the_engine_sees_it(world, tokenizer, tools):
+    """vLLM refuses a prompt of max_model_len tokens (= max_context), and under torchrun one rank's failed generate
+    would leave the others waiting: a trajectory with no room left for one sampled token ends as "length"."""
+    questions = world.splits["test"][:1]
+    full = rollout(ScriptedEngine(tokenizer, questions), tools, questions, tokenizer=tokenizer,
+                   params=SamplingParams(), tool_names=tw.TOOLS)[0]
+    m = full.mask
+    start = m.index(0)                                        # the first injected span: the first tool response
+    end = next(i for i in range(start, len(m)) if m[i] == 1)  # where the second turn's sampled tokens begin
+    for limit in (len(full.prompt_ids) + end, len(full.prompt_ids) + end + 1):   # exactly full, and one to spare
+        seen = []
+
+        class Watched(ScriptedEngine):
+            def generate(self, prompts, params):
+                seen.extend(len(p) for p in prompts)
+                return super().generate(prompts, params)
+
+        t = rollout(Watched(tokenizer, questions), tools, questions, tokenizer=tokenizer, params=SamplingParams(),
+                    max_context=limit, tool_names=tw.TOOLS)[0]
+        assert max(seen) < limit and t.finish == "length", (limit, seen, t.finish)
+        assert len(seen) == (1 if limit == len(full.prompt_ids) + end else 2)
+
+
 def test_a_failing_search_becomes_tool_text_and_the_episode_goes_on(world, tokenizer):
     class Down:
         def search(self, queries, k):

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+import teacher_data
 import toy_world as tw
 from scripted_teacher import make_server
 
@@ -38,6 +40,12 @@ def sft_run(tmp_path_factory):
     return out
 
 
+def checkpoint_weights(checkpoint: Path, scratch: Path) -> dict:
+    """The model's tensors in a DCP checkpoint (train.py's checkpoints/step_N), read without any process group."""
+    dcp_to_torch_save(checkpoint / "dcp", scratch)
+    return torch.load(scratch, weights_only=False)["model"]
+
+
 def copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
@@ -59,9 +67,11 @@ def test_tiny_run_trains_logs_and_summarizes(sft_run, tmp_path):
     assert "step 1 | reward" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert {"test_f1_sft", "test_f1_grpo", "steps", "seconds"} <= set(summary) and summary["steps"] == 2
-    before = load_file(out / "sft_model" / "model" / "model.safetensors")
-    after = load_file(out / "checkpoints" / "step_000002" / "model" / "model.safetensors")
+    before = load_file(out / "sft_model" / "model" / "model.safetensors")        # the bf16 exports
+    after = load_file(out / "final_model" / "model.safetensors")
+    assert before.keys() == after.keys() and all(v.dtype == torch.bfloat16 for v in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in before), "GRPO did not change the parameters"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000000", "step_000002"]
     assert (out / "samples" / "step_00002.txt").read_text().count("[[") > 2    # masked spans shown
 
 
@@ -72,9 +82,9 @@ def test_stop_and_resume_gives_the_same_weights_as_a_straight_run(sft_run, tmp_p
     first = run(*common, "--out", str(resumed), "--stop-after", "3")
     assert first.returncode == 0 and (resumed / "checkpoints" / "step_000003").exists(), first.stderr[-2000:]
     assert run(*common, "--out", str(resumed)).returncode == 0
-    a = load_file(straight / "checkpoints" / "step_000006" / "model" / "model.safetensors")
-    b = load_file(resumed / "checkpoints" / "step_000006" / "model" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a = checkpoint_weights(straight / "checkpoints" / "step_000006", tmp_path / "a.pt")   # fp32, from DCP
+    b = checkpoint_weights(resumed / "checkpoints" / "step_000006", tmp_path / "b.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     records = [json.loads(line) for line in open(straight / "metrics.jsonl") if '"eval"' not in line]
     assert any(r["update_tokens"] > 0 for r in records), "no update happened: the test would be vacuous"
     resumed = [json.loads(line)["step"] for line in open(resumed / "metrics.jsonl")]
@@ -151,9 +161,11 @@ def test_resume_refuses_a_checkpoint_saved_with_another_tokenizer(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --resume:"), proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("mode", ["grpo", "sft"])
+@pytest.mark.parametrize("mode", ["grpo", "sft", "grpo-hsdp", "grpo-kl"])
 def test_two_rank_update_equals_one_rank_update(tmp_path, mode):
-    """The same global batch on 1 process and on 2 CPU ranks gives the same parameters, on every rank."""
+    """The same global batch on 1 process and on 2 FSDP2 CPU ranks (or HSDP's 2 x 1 mesh; or with a KL reference and
+    unequal micro-batch counts, which hung the ranks before padding went through the reference too) gives the same
+    parameters, on every rank."""
     world = tw.build_world(0, tw.WorldConfig(n_train=40, n_dev=10, n_test=20, n_extra_people=20))
     tw.build_tokenizer(world, cache_dir=tmp_path)
     tw.write_jsonl(world.corpus, tmp_path / "corpus.jsonl")
@@ -167,13 +179,56 @@ def test_two_rank_update_equals_one_rank_update(tmp_path, mode):
     assert two.returncode == 0, two.stderr[-3000:]
     a = torch.load(tmp_path / "one.pt.rank0")
     ranks = [torch.load(tmp_path / f"two.pt.rank{r}") for r in (0, 1)]
-    if mode == "grpo":
+    if mode != "sft":
         assert a["stats"]["tokens"] == ranks[0]["stats"]["tokens"] > 0
     initial = tw.build_tiny_model(tw.build_tokenizer(world, cache_dir=tmp_path), seed=0).state_dict()
     assert any(not torch.equal(a["params"][k], initial[k]) for k in a["params"]), "no update: the test is vacuous"
     # AdamW's first step is lr·g/|g|: float noise in a near-zero g moves an element by up to ~1e-6 (lr 1e-3 here); a
     # missing gradient reduction moves thousands of them by ~1e-3
-    atol = 1e-6 if mode == "grpo" else 1e-5
+    atol = 1e-5 if mode == "sft" else 1e-6
     for k in a["params"]:
         assert torch.equal(ranks[0]["params"][k], ranks[1]["params"][k]), (mode, k)       # the ranks agree exactly
         assert torch.allclose(a["params"][k], ranks[0]["params"][k], atol=atol), (mode, k)
+
+
+def test_real_setup_on_two_fsdp_ranks_with_kl_then_resume_on_one_rank(sft_run, tmp_path):
+    """The real run's setup on 2 CPU ranks: --model's weights read by rank 0 and broadcast into FSDP2 shards, SFT
+    with token-budget micro-batches, the KL reference loaded from the SFT export (kl_beta > 0), HFEngine on an
+    unsharded copy, all in the one default --out folder rank 0 named; its DCP checkpoint resumes on 1 rank; a
+    damaged newest checkpoint is named with the one before it."""
+    world = tw.build_world(0)                                           # the sft_run's world and tokenizer
+    tw.write_jsonl(world.splits["train"], tmp_path / "train.jsonl")
+    tw.write_jsonl(world.corpus, tmp_path / "corpus.jsonl")
+    teacher_data.main(["--toy", "--real-prompt", "--n", "48", "--out", str(tmp_path / "sft.jsonl")])
+    real = ["--model", str(sft_run / "sft_model" / "model"), "--data", str(tmp_path / "train.jsonl"),
+            "--retriever", f"bm25:{tmp_path / 'corpus.jsonl'}", "--topk", str(tw.TOPK), "--reward", "outcome",
+            "--kl-beta", "0.05", "--max-context", str(tw.LIMITS["max_context"]),
+            "--sft-data", str(tmp_path / "sft.jsonl"), "--sft-steps", "40", "--sft-batch", "8", "--sft-lr", "3e-3",
+            "--micro-batch-tokens", "1024", "--engine", "hf", "--prompts-per-step", "4", "--group-size", "4",
+            "--max-new-tokens", "96", "--max-turns", "3", "--temperature", "1.0", "--save-every", "1", "--lr", "1e-3"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537",
+                          str(ROOT / "train.py"), *real, "--grpo-steps", "2"], env=ENV, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=900)
+    assert two.returncode == 0, two.stderr[-3000:]
+    (out,) = (tmp_path / "runs").iterdir()                             # one folder for both ranks
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(math.isfinite(r["update_kl"]) for r in records) and records[0]["format_ok"] >= 0.25, records
+    assert records[-1]["update_kl"] > 0, "the policy never left its reference: the KL term is untested"
+    assert any(r["update_tokens"] > 0 for r in records), "no update: the KL path would be untested"
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_000001", "step_000002"]
+
+    one = run(*real, "--grpo-steps", "3", "--out", str(out), "--resume")   # 2 ranks' checkpoint, 1 rank
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "saved by 2 ranks, this run has 1" in one.stderr
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3]
+    assert (out / "final_model" / "model.safetensors").exists()
+
+    newest = out / "checkpoints" / "step_000003"
+    shard = next((newest / "dcp").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:64])                          # torn by a full disk, say
+    damaged = run(*real, "--grpo-steps", "4", "--out", str(out), "--resume")
+    assert damaged.returncode != 0
+    last = damaged.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --resume:") and str(newest) in last and str(out / "checkpoints" /
+                                                                              "step_000002") in last, last
