@@ -261,8 +261,9 @@ def load_checkpoint(path: Path, model, d: Dist, optimizer=None) -> dict:
     except (Exception, CheckpointException) as e:   # any unreadable part (DCP's is a BaseException): name it
         earlier = [p for p in checkpoints(path.parent) if p.name < path.name]
         hint = f"move it away to resume from {earlier[-1]}" if earlier else "no earlier checkpoint is left"
-        raise CheckpointError(f"{path} is damaged or incomplete ({type(e).__name__}: {str(e)[:300]}); "
-                              f"{hint}") from None
+        detail = [line.strip() for line in str(e).splitlines() if line.strip()]   # DCP's: a traceback per rank
+        raise CheckpointError(f"{path} is damaged or incomplete ({type(e).__name__}: "
+                              f"{detail[-1][:200] if detail else ''}); {hint}") from None
     if rng is None:
         if d.rank == 0:
             print(f"note: {path} was saved by {state['world']} ranks, this run has {d.world}: the RNG streams "

@@ -37,7 +37,8 @@ minutes) and --keep-checkpoints 2.
 
 Logging: one line per step on rank 0 and a metrics.jsonl record with every reward component, the finish reasons and
 the tools' and judge's counters of the step (searches, failures, cache hits, judge calls and fallbacks), summed over
-the ranks, and on GPUs the trainer's peak memory in the rollout and the update (mem_rollout_gb, mem_update_gb); held-out questions (--eval-data, or the toy's test split) are evaluated greedily after SFT, every
+the ranks, and on GPUs the trainer's peak memory in the rollout and the update (mem_rollout_gb, mem_update_gb);
+held-out questions (--eval-data, or the toy's test split) are evaluated greedily after SFT, every
 --eval-every GRPO steps and at the end, sharded over the ranks, F1/EM per benchmark as {"step", "eval"} records.
 """
 from __future__ import annotations
@@ -56,7 +57,8 @@ import torch.distributed as dist
 import toy_world as tw
 from curriculum import SCHEDULES, alpha, blend
 from distributed import (CheckpointError, Dist, export_hf, latest_checkpoint, load_checkpoint, load_model,
-                         named_full_tensors, peak_memory, prepare_model, reset_peak_memory, save_checkpoint, sft_collectives)
+                         named_full_tensors, peak_memory, prepare_model, reset_peak_memory, save_checkpoint,
+                         sft_collectives)
 from engine import HFEngine, SamplingParams
 from evaluate import exact_match, f1_score
 from grpo import group_advantages, grpo_loss, nonzero_groups, token_logprobs
@@ -216,7 +218,9 @@ def grpo_update(model, optimizer, trajs, advantages: torch.Tensor, args, d: Dist
         loss, stats = grpo_loss(logp, logp.detach(), adv, mask, n_tokens=n_tokens, sampler_logp=sampler,
                                 ref_logp=ref_logp, kl_beta=args.kl_beta)
         (loss * scale).backward()
-        for k, v in stats.items() if mb is not padding else ():     # sums for loss terms, min/max for ratios, token-weighted means otherwise
+        if mb is padding:
+            continue
+        for k, v in stats.items():     # sums for loss terms, min/max for ratios, token-weighted means otherwise
             if k == "ratio_min" or k == "ratio_max":
                 stats_sum[k] = (min if k == "ratio_min" else max)(stats_sum.get(k, v), v)
             else:

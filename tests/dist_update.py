@@ -59,7 +59,8 @@ def sft(d: Dist, tokenizer, trajs, out: str) -> None:
     else:                                                           # train_sft's step on all 6 rows, by hand
         rows = [examples[0]] * 3 + [examples[1]] * 3
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-        sft_step(model, rows, pad_id=tokenizer.pad_token_id, micro_batch_tokens=8192, n_tokens=sum(sum(m) for _, m in rows))
+        sft_step(model, rows, pad_id=tokenizer.pad_token_id, micro_batch_tokens=8192,
+                 n_tokens=sum(sum(m) for _, m in rows))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
     torch.save({"params": {k: full(v) for k, v in model.named_parameters()}, "stats": {}}, f"{out}.rank{d.rank}")

@@ -21,3 +21,18 @@ def test_bench_train_step_runs_and_reports_palm_flops(tmp_path):
     per_token = r["model_tflops"] * 1e12 * r["seconds_per_step"] / tokens
     assert abs(per_token - (6 * 491392 + 12 * 2 * 128 * 200)) < 1e-3 * per_token
     assert abs(r["mfu"] - r["model_tflops"] / 1.0) < 1e-12
+
+
+def test_gpu_check_smoke_mode_runs_every_phase_on_cpu(tmp_path):
+    """bench/gpu_check.sh --smoke: the device check's steps on CPU (torchrun with one FSDP2 rank: SFT, GRPO with the
+    HF engine and a KL reference, a DCP checkpoint, a resume; the log-prob peak; the update benchmark)."""
+    import os
+    out = tmp_path / "check"
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(out), "--smoke"], capture_output=True,
+                          text=True, timeout=900, env=dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = json.loads((out / "report.json").read_text())
+    assert r["device"] == "CPU" and r["resumed"] and r["sft"]["tokens_per_s"] > 0
+    assert [g["step"] for g in r["grpo"]] == [1, 2, 3, 4] and all(g["update_tokens"] > 0 for g in r["grpo"])
+    assert r["checkpoints"] == ["step_000003", "step_000004"]
+    assert r["logprobs"]["tokens"] == 2048 and r["train_step"]["loss"] != 0.0

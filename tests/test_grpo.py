@@ -1,9 +1,11 @@
-"""Tests for grpo.py: advantages, chunked log-probs, and the masked GRPO loss (CPU, a few seconds).
+"""Tests for grpo.py: advantages, log-probs from the hidden states, and the masked GRPO loss (CPU, a few seconds).
 
 The loss is checked against a plain-Python float64 transcription of the formula, on hand-worked cases,
 and on the invariants the trainer relies on: masked tokens get exactly zero gradient, ratio ≡ 1 on-policy,
-micro-batch splitting with the global token count leaves the gradient unchanged.
+micro-batch splitting with the global token count leaves the gradient unchanged. token_logprobs is checked
+on real tiny Qwen2 models against the naive log_softmax of the full logits, gradients of every parameter included.
 """
+import copy
 import math
 import types
 
@@ -15,16 +17,25 @@ import transformers
 from grpo import group_advantages, grpo_loss, loss_mask, nonzero_groups, token_logprobs
 
 
-def fake_model(logits):
-    """A stand-in "model" whose forward returns the given logits (B, T, V), like a HF CausalLM output."""
-    return lambda **kwargs: types.SimpleNamespace(logits=logits)
-
-
-def tiny_qwen(seed=0):
+def tiny_qwen(seed=0, tied=False):
     torch.manual_seed(seed)
     config = transformers.Qwen2Config(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256)
+                                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                                      tie_word_embeddings=tied)
     return transformers.Qwen2ForCausalLM(config).float()
+
+
+def keep_lm_head_input(model):
+    """Captures lm_head's input, the final hidden states (B, T, H), and retains its gradient."""
+    captured = {}
+
+    def hook(module, args):
+        if args[0].requires_grad:
+            args[0].retain_grad()
+        captured["hidden"] = args[0]
+
+    model.lm_head.register_forward_pre_hook(hook)
+    return captured
 
 
 def naive_logprobs(logits, ids, temperature):
@@ -183,15 +194,11 @@ def test_loss_errors():
 
 # ----------------------------------------------------------------------------- gradients through a model
 
-def test_masked_tokens_get_zero_logit_gradient_in_a_real_model():
+def test_masked_tokens_get_zero_gradient_in_a_real_model():
+    # No (B, T, V) logits exist any more; lm_head's input, the hidden state of row t, feeds only the prediction
+    # of token t + 1, so its gradient row is zero exactly when that prediction's logit gradient is.
     model = tiny_qwen()
-    captured = {}
-
-    def keep_logits(module, inputs, out):                # returns None: the output is left unchanged
-        out.retain_grad()
-        captured["logits"] = out
-
-    model.lm_head.register_forward_hook(keep_logits)
+    captured = keep_lm_head_input(model)
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(0, 96, (3, 20), generator=g)
     mask = torch.rand(3, 20, generator=g) < 0.5
@@ -200,7 +207,7 @@ def test_masked_tokens_get_zero_logit_gradient_in_a_real_model():
     loss, _ = grpo_loss(logp, logp.detach(), torch.tensor([1.0, -0.5, 2.0]), mask, n_tokens=int(mask.sum()),
                         sampler_logp=logp.detach() - 0.05, ref_logp=logp.detach() + 0.1, kl_beta=0.1)
     loss.backward()
-    grad = captured["logits"].grad                        # (B, T, V); row t − 1 predicts token t
+    grad = captured["hidden"].grad                        # (B, T, H); row t − 1 predicts token t
     trained = torch.zeros(3, 20, dtype=torch.bool)
     trained[:, :-1] = mask[:, 1:]
     assert (grad[~trained] == 0).all()                    # exactly zero, not just small
@@ -237,55 +244,104 @@ def test_micro_batches_with_global_token_count_give_the_same_gradient(n_micro):
 
 # ----------------------------------------------------------------------------- token_logprobs
 
-@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.3])
-@pytest.mark.parametrize("chunk", [1, 7, 16, 1000])
-def test_chunked_logprobs_match_naive(temperature, chunk):
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+@pytest.mark.parametrize("chunk", [1, 3, 5, 1000])
+def test_logprobs_entropy_and_gradients_match_the_naive_float64_model(tied, temperature, chunk):
+    # N = B·T = 26 rows, V = 96, 21 rows with a gradient (3 zero upstream entries, and each row's last position).
+    # chunk 1, 3, 5, 1000 -> forward row chunks of 1, 3, 5, 26 (3 and 5 do not divide 26) and backward vocab
+    # slices of chunk·V // 21 = 4, 13, 22, 96 columns (13 and 22 do not divide 96).
+    model = tiny_qwen(tied=tied).double()
+    naive = copy.deepcopy(model)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    ours, theirs = keep_lm_head_input(model), keep_lm_head_input(naive)
     g = torch.Generator().manual_seed(6)
-    B, T, V = 2, 13, 40
-    logits = (3 * torch.randn(B, T, V, generator=g)).requires_grad_()
-    ids = torch.randint(0, V, (B, T), generator=g)
-    logp, ent = token_logprobs(fake_model(logits), ids, temperature=temperature, chunk=chunk, with_entropy=True)
-    want, want_ent = naive_logprobs(logits, ids, temperature)
-    assert logp.dtype == torch.float32 and logp.shape == (B, T)
-    assert torch.allclose(logp.double(), want, atol=1e-5) and (logp[:, 0] == 0).all()
-    assert torch.allclose(ent.double(), want_ent, atol=1e-5) and not ent.requires_grad
-    upstream = torch.randn(B, T, generator=g)
-    (grad,) = torch.autograd.grad((logp * upstream).sum(), logits)
-    (want_grad,) = torch.autograd.grad((want * upstream.double()).sum(), logits)
-    assert torch.allclose(grad, want_grad, atol=1e-6)
+    B, T = 2, 13
+    ids = torch.randint(0, 96, (B, T), generator=g)
+    upstream = torch.randn(B, T, generator=g, dtype=torch.float64)
+    upstream[0, 4:7] = 0                                  # rows with no gradient (the backward skips them)
+    logp, ent = token_logprobs(model, ids, temperature=temperature, chunk=chunk, with_entropy=True)
+    (logp * upstream).sum().backward()
+    want, want_ent = naive_logprobs(naive(input_ids=ids).logits, ids, temperature)   # full (B, T, V) logits
+    (want * upstream).sum().backward()
+    assert logp.shape == (B, T) and (logp[:, 0] == 0).all()
+    assert torch.allclose(logp, want, rtol=0, atol=1e-12)
+    assert torch.allclose(ent, want_ent, rtol=0, atol=1e-12) and not ent.requires_grad
+    assert torch.allclose(ours["hidden"].grad, theirs["hidden"].grad, rtol=0, atol=1e-12)
+    # Every parameter: lm_head's weight (with the embedding's gradient added when tied) and the layers below.
+    for (name, p), q in zip(model.named_parameters(), naive.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=0, atol=1e-12), name
+    assert model.lm_head.weight.grad.abs().max() > 1e-3
 
 
-def test_bf16_logits_give_fp32_logprobs_and_bf16_gradient():
+def test_bf16_weights_give_fp32_logprobs_and_bf16_gradients_close_to_fp32():
+    model = tiny_qwen().bfloat16()
+    captured = keep_lm_head_input(model)
     g = torch.Generator().manual_seed(8)
-    logits = (4 * torch.randn(2, 9, 64, generator=g)).bfloat16().requires_grad_()
-    ids = torch.randint(0, 64, (2, 9), generator=g)
-    logp = token_logprobs(fake_model(logits), ids, chunk=5)
-    want, _ = naive_logprobs(logits.detach().float(), ids, 1.0)   # the same bf16 values, upcast
+    ids = torch.randint(0, 96, (3, 40), generator=g)
+    upstream = torch.randn(3, 40, generator=g)
+    logp = token_logprobs(model, ids, temperature=1.3, chunk=5)   # 24 vocab slices of 4
+    (logp * upstream).sum().backward()
+    # The reference: the same bf16 hidden states and weight, upcast, through a float64 log_softmax.
+    hidden = captured["hidden"].detach().double().requires_grad_()
+    weight = model.lm_head.weight.detach().double().requires_grad_()
+    want, _ = naive_logprobs(hidden @ weight.T, ids, 1.3)
+    (want * upstream.double()).sum().backward()
     assert logp.dtype == torch.float32
-    assert torch.allclose(logp.double(), want, atol=1e-5)
-    logp.sum().backward()
-    assert logits.grad.dtype == torch.bfloat16
+    assert torch.allclose(logp.double(), want, rtol=0, atol=2e-3)           # the bf16 logits' rounding
+    for ours, ref in ((captured["hidden"].grad, hidden.grad), (model.lm_head.weight.grad, weight.grad)):
+        assert ours.dtype == torch.bfloat16
+        assert (ours.double() - ref).norm() < 1e-2 * ref.norm()              # bf16 precision, not an error
 
 
-def test_token_logprobs_on_a_real_model():
+def test_token_logprobs_on_an_fp32_model_restores_lm_head_after_a_call_and_after_an_error():
     model = tiny_qwen()
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(9))
     logp = token_logprobs(model, ids, temperature=1.3, chunk=5)
+    assert "forward" not in vars(model.lm_head)           # the class's nn.Linear.forward again
     with torch.no_grad():
-        want, _ = naive_logprobs(model(input_ids=ids).logits, ids, 1.3)
+        logits = model(input_ids=ids).logits              # (B, T, V): lm_head is itself again
+        want, _ = naive_logprobs(logits, ids, 1.3)
+    assert logits.shape == (2, 12, 96) and logp.dtype == torch.float32
     assert torch.allclose(logp.detach().double(), want, atol=1e-5)
+
+    def fail(module, args, output):
+        raise RuntimeError("boom")
+
+    handle = model.model.register_forward_hook(fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        token_logprobs(model, ids)
+    handle.remove()
+    assert "forward" not in vars(model.lm_head)
 
 
 def test_token_logprobs_errors():
-    logits = torch.zeros(1, 4, 10)
+    model = tiny_qwen()
     with pytest.raises(ValueError, match="vocab"):
-        token_logprobs(fake_model(logits), torch.tensor([[1, 2, 10, 3]]))
+        token_logprobs(model, torch.tensor([[1, 2, 96, 3]]))
     with pytest.raises(ValueError, match="temperature"):
-        token_logprobs(fake_model(logits), torch.zeros(1, 4, dtype=torch.long), temperature=0.0)
+        token_logprobs(model, torch.zeros(1, 4, dtype=torch.long), temperature=0.0)
     with pytest.raises(ValueError, match="chunk"):
-        token_logprobs(fake_model(logits), torch.zeros(1, 4, dtype=torch.long), chunk=0)
-    with pytest.raises(ValueError, match="logits of shape"):
-        token_logprobs(fake_model(logits), torch.zeros(1, 5, dtype=torch.long))
+        token_logprobs(model, torch.zeros(1, 4, dtype=torch.long), chunk=0)
+    logits_only = lambda **kwargs: types.SimpleNamespace(logits=torch.zeros(1, 4, 10))   # noqa: E731
+    with pytest.raises(ValueError, match="output embedding"):
+        token_logprobs(logits_only, torch.zeros(1, 4, dtype=torch.long))
+
+    class SoftCapped(torch.nn.Module):                   # rescales lm_head's output, as Gemma 2 does
+        def __init__(self):
+            super().__init__()
+            self.embed, self.lm_head = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+        def forward(self, input_ids, **kwargs):
+            return types.SimpleNamespace(logits=30 * torch.tanh(self.lm_head(self.embed(input_ids)) / 30))
+
+    capped = SoftCapped()
+    with pytest.raises(ValueError, match="unchanged"):
+        token_logprobs(capped, torch.zeros(1, 4, dtype=torch.long))
+    assert "forward" not in vars(capped.lm_head)
 
 
 # ----------------------------------------------------------------------------- advantages and masks

@@ -12,6 +12,7 @@ from engine import SamplingParams
 from retrievers import BM25Retriever
 from search_env import Tools, rollout
 from sft import collate, first_turn, load_examples, render_conversation, sft_loss, train_sft, training_example
+from test_grpo import keep_lm_head_input
 from teacher_data import ChatTeacherEngine, ToyTeacherEngine, make_teacher_data
 
 
@@ -53,15 +54,11 @@ def test_masked_tokens_get_no_gradient_and_do_not_change_the_loss(env):
     batch = [(p + ids, [0] * len(p) + m) for p, ids, m in examples]
     input_ids, attention_mask, loss_mask = collate(batch, tokenizer.pad_token_id)
     model = tw.build_tiny_model(tokenizer)
-    captured = {}
-    def keep_logits(module, inputs, out):
-        if out.requires_grad:
-            out.retain_grad()
-        captured["logits"] = out
-
-    model.lm_head.register_forward_hook(keep_logits)
+    # token_logprobs makes no (B, T, V) logits; lm_head's input row t (the final hidden state) feeds only the
+    # prediction of token t+1, so its gradient row is zero exactly when that prediction's logit gradient is.
+    captured = keep_lm_head_input(model)
     sft_loss(model, input_ids, attention_mask, loss_mask).backward()
-    grad = captured["logits"].grad                                   # (B, T, V): row t predicts token t+1
+    grad = captured["hidden"].grad                                   # (B, T, H): row t predicts token t+1
     predicts_masked = loss_mask[:, 1:] == 0
     assert grad[:, :-1][predicts_masked].abs().max() == 0
     assert grad[:, :-1][~predicts_masked].abs().max() > 0
