@@ -192,7 +192,8 @@ class VLLMEngine:
         from vllm import SamplingParams as VLLMSamplingParams
         if not prompt_ids_list:
             return []
-        self._wake("weights")             # only if generate came without a sync (their content is the last sync's)
+        if "weights" in self.asleep:      # level 2 freed them: only a sync gives them values again
+            raise RuntimeError("VLLMEngine.generate after sleep(): load_weights first (sleep level 2 frees the weights)")
         self._wake("kv_cache")
         greedy = params.temperature == 0
         sp = VLLMSamplingParams(temperature=params.temperature, top_p=1.0 if greedy else params.top_p,
