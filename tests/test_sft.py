@@ -172,3 +172,26 @@ def test_sft_command_line_fine_tunes_and_saves_a_checkpoint(env, tmp_path):
     from transformers import AutoModelForCausalLM
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert any(not torch.equal(a, b) for a, b in zip(tuned.parameters(), model.parameters()))
+
+
+def test_micro_batches_hold_a_token_budget_and_give_the_gradient_of_the_whole_step(env):
+    """SFT micro-batches are packed by padded tokens (a long row alone), and however the step is split the
+    gradient is that of the step's token-mean."""
+    from sft import micro_batches, sft_step
+    world, tokenizer, _ = env
+    rows, _ = teacher_rows(env, n=6)
+    examples = [training_example(tokenizer, r["messages"]) for r in rows]
+    examples.append((examples[0][0] * 3, examples[0][1] * 3))       # one row 3x longer than the others
+    budget = 2 * max(len(ids) for ids, _ in examples[:-1])
+    packed = micro_batches(examples, budget)
+    assert sorted(len(ids) for mb in packed for ids, _ in mb) == sorted(len(ids) for ids, _ in examples)
+    assert all(len(mb) * max(len(ids) for ids, _ in mb) <= budget or len(mb) == 1 for mb in packed)
+    assert [len(ids) for ids, _ in packed[-1]] == [len(examples[-1][0])]   # longer than the budget: alone
+    n_tokens = sum(sum(m) for _, m in examples)
+    grads = []
+    for tokens in (budget, 10 ** 6):
+        model = tw.build_tiny_model(tokenizer, seed=0)
+        sft_step(model, examples, pad_id=tokenizer.pad_token_id, micro_batch_tokens=tokens, n_tokens=n_tokens)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert len(micro_batches(examples, 10 ** 6)) == 1 < len(packed)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
