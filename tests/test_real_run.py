@@ -57,7 +57,10 @@ class Service:
 
     def __init__(self, name: str, command: list[str], logs: Path):
         self.name, self.log = name, logs / f"{name}.log"
-        self.proc = subprocess.Popen(command, env=ENV, cwd=ROOT, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        # SIGINT back to its default: a test run started in the background of a non-interactive shell inherits it
+        # ignored, and the server would never see the Ctrl-C of `stop` (found when CI ran under nohup ... &).
+        self.proc = subprocess.Popen(command, env=ENV, cwd=ROOT, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def wait(self, url: str, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
