@@ -233,14 +233,14 @@ def _parse_tool_call(body: str, tools: tuple[str, ...]) -> ToolCall:
     """The JSON inside <tool_call>: {"name": str, "arguments": {...}} validated against TOOL_SCHEMAS."""
     try:
         obj = json.loads(body)
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"invalid tool-call JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # ValueError: bad JSON, or an int of > 4300 digits
+        raise FormatError(f"invalid tool-call JSON: {_brief(str(e))}") from None
     if not isinstance(obj, dict) or set(obj) != {"name", "arguments"}:
-        keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        keys = _brief(sorted(obj)) if isinstance(obj, dict) else type(obj).__name__
         raise FormatError(f'tool call must be {{"name": ..., "arguments": {{...}}}}, got {keys}')
     name, args = obj["name"], obj["arguments"]
     if not isinstance(name, str) or name not in tools:
-        raise FormatError(f"unknown tool {name!r}; available: {list(tools)}")
+        raise FormatError(f"unknown tool {_brief(name)}; available: {list(tools)}")
     if not isinstance(args, dict):
         raise FormatError(f"arguments of {name} must be an object, got {type(args).__name__}")
     params = TOOL_SCHEMAS[name]["function"]["parameters"]
@@ -256,14 +256,39 @@ def _parse_tool_call(body: str, tools: tuple[str, ...]) -> ToolCall:
 def _check_value(tool: str, key: str, value, spec: dict) -> None:
     """The small subset of JSON Schema our tools use: non-empty strings and bounded string arrays."""
     if spec["type"] == "string":
-        if not isinstance(value, str) or not value.strip():
-            raise FormatError(f"{tool}.{key} must be a non-empty string, got {value!r:.60}")
+        if not _is_text(value):
+            raise FormatError(f"{tool}.{key} must be a non-empty string of valid Unicode, got {_brief(value)}")
     elif spec["type"] == "array":
         n_min, n_max = spec.get("minItems", 0), spec.get("maxItems", float("inf"))
-        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
-            raise FormatError(f"{tool}.{key} must be a list of non-empty strings, got {value!r:.60}")
+        if not isinstance(value, list) or not all(_is_text(v) for v in value):
+            raise FormatError(f"{tool}.{key} must be a list of non-empty strings of valid Unicode, got {_brief(value)}")
         if not n_min <= len(value) <= n_max:
             raise FormatError(f"{tool}.{key} must have {n_min} to {n_max} items, got {len(value)}")
+
+
+def _is_text(value) -> bool:
+    """A non-blank string that is valid Unicode: JSON's "\\ud800" decodes to a lone surrogate, which no tokenizer,
+    search API or UTF-8 file (trajectories.jsonl) takes."""
+    if not isinstance(value, str) or not value.strip():
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _brief(value, width: int = 60) -> str:
+    """A short repr of a decoded JSON value for an error message; never raises (a repr of a deeply nested
+    list can hit the recursion limit, and one of a huge int the int-to-str digit limit)."""
+    try:
+        if isinstance(value, str):
+            return repr(value[:width])[:width]
+        if isinstance(value, (list, dict)) and len(value) > width:
+            return f"<{type(value).__name__} of {len(value)} items>"
+        return repr(value)[:width]
+    except (ValueError, RecursionError):
+        return f"<{type(value).__name__}>"
 
 
 def render_think(atoms: list[Atom] | tuple[Atom, ...]) -> str:

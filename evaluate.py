@@ -11,7 +11,9 @@ scores), DIR/report.html (report.py), and prints the paper's Table 1 with our ro
 
 1. Data (qa_data.py): FlashRAG jsonl from `--data-dir/<name>.jsonl`, else the hub's RUC-NLPIR/FlashRAG_datasets.
    512 questions per benchmark drawn with a fixed seed (all of a smaller one: Bamboogle's 125), or `--limit`.
-   Bad rows are warned about with file:line, skipped and counted in metrics.json. `--make-train-data` writes
+   Bad rows are warned about with file:line, skipped and counted in metrics.json; among them a question over
+   `--max-question-chars` (never tokenized) and one whose prompt leaves no room to generate within --max-context
+   (qa_data.prompt_check), so one hostile row costs its benchmark that row, not the run. `--make-train-data` writes
    training questions (qa_data.load_questions, e.g. the paper's 1:1:3:3 hub mix) through DeepResearcher's
    contamination filter (`contamination_filter`: drop a question when any of k answers the base model samples
    without tools contains a golden answer) to DIR/train.jsonl, so a training run is reproducible offline.
@@ -57,9 +59,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import toy_world as tw
-from qa_data import load_benchmark, load_questions, sample_rows, warn_bad_rows
+from atomic_thought import system_prompt
+from qa_data import (MAX_QUESTION_CHARS, load_benchmark, load_questions, prompt_check, question_chars_arg, sample_rows,
+                     warn_bad_rows)
 from report import markdown_stats, markdown_table1, write_report
-from retrievers import SearchError, http_session, post_json
+from rrm_reward import after_reasoning
+from net import RemoteError, post_json, session as http_session
 from run_setup import make_tools
 from search_env import PAPER_LIMITS, rollout
 
@@ -164,9 +169,11 @@ _VERDICT = re.compile(r'"verdict"\s*:\s*"(correct|incorrect)"', re.IGNORECASE)
 
 def parse_verdict(reply) -> str | None:
     """"correct" / "incorrect" from a judge reply (after its reasoning), or None when it holds no verdict."""
-    if not isinstance(reply, str) or ("<think>" in reply and "</think>" not in reply):
-        return None                                   # not text, or cut off while still reasoning
-    reply = reply.rsplit("</think>", 1)[-1]
+    if not isinstance(reply, str):
+        return None
+    reply = after_reasoning(reply)                    # the first </think> outside a JSON object ends it
+    if reply is None:
+        return None                                   # cut off while still reasoning
     found = _VERDICT.findall(reply)
     if found:
         return found[-1].lower()
@@ -205,7 +212,7 @@ class AnswerJudge:
                 reply = post_json(self.session, self.url, body, what="answer judge", timeout=self.timeout,
                                   retries=self.retries, backoff_s=self.backoff_s,
                                   headers={"Authorization": f"Bearer {key}"} if key else None)
-            except SearchError:
+            except RemoteError:
                 return "error"
             try:
                 verdict = parse_verdict(reply["choices"][0]["message"]["content"])
@@ -346,6 +353,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--benchmarks", help="comma-separated FlashRAG names (default: the paper's seven; --toy: test)")
     p.add_argument("--data-dir", help="folder of <benchmark>.jsonl (FlashRAG); default: the hub dataset (online)")
     p.add_argument("--limit", type=int, help=f"questions per benchmark (default {PAPER_SAMPLE}, the paper's)")
+    p.add_argument("--max-question-chars", type=question_chars_arg, default=MAX_QUESTION_CHARS,
+                   help="a longer question or golden answer is a bad row, reported and skipped, never tokenized "
+                        f"(default {MAX_QUESTION_CHARS})")
     p.add_argument("--seed", type=int, default=0, help="seed of the question sample (and of vLLM)")
     p.add_argument("--out", required=True, help="output folder (with --make-train-data: gets train.jsonl)")
     # agent and tools: the training values (PAPER.md §4)
@@ -396,7 +406,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.make_train_data:
-        rows = load_questions(args.make_train_data, limit=args.limit, seed=args.seed)
+        rows = load_questions(args.make_train_data, limit=args.limit, seed=args.seed,
+                              max_question_chars=args.max_question_chars)
         if args.filter_k:
             engine, tokenizer, _ = build_engine(args.model, args.engine, args.max_context, args.seed)
             rows, dropped = contamination_filter(engine, tokenizer, rows, k=args.filter_k)
@@ -418,17 +429,19 @@ def main(argv: list[str] | None = None) -> None:
     if ddp:
         dist.barrier(group=gloo)                # the other ranks wait for the toy world
     engine, tokenizer, max_context = build_engine(args.model, args.engine, args.max_context, args.seed)
+    tools, tool_names = make_tools(args.retriever, tokenizer=tokenizer, topk=args.topk, query_cache=args.query_cache,
+                                   reader_url=args.reader_url, reader_model=args.reader_model)
+    system = tw.SYSTEM if args.toy else system_prompt(tool_names)
+    fits = prompt_check(tokenizer, system, max_context)     # a prompt with no room to generate is a bad row
     data = {}                                   # benchmark -> counts, reported in metrics.json
     questions = []
     for name in args.benchmarks:
-        rows, bad = load_benchmark(name, args.data_dir)
+        rows, bad = load_benchmark(name, args.data_dir, args.max_question_chars, fits)
         if rank == 0:
             warn_bad_rows(bad)
         picked = sample_rows(rows, args.limit or PAPER_SAMPLE, args.seed, name)
         data[name] = {"available": len(rows), "evaluated": len(picked), "bad_rows": len(bad)}
         questions += [{**q, "benchmark": name, "index": len(questions) + i} for i, q in enumerate(picked)]
-    tools, tool_names = make_tools(args.retriever, tokenizer=tokenizer, topk=args.topk, query_cache=args.query_cache,
-                                   reader_url=args.reader_url, reader_model=args.reader_model)
     rrm = None
     if args.rrm_url:
         from rrm_reward import HTTPJudgeRRM, ToyOracleRRM
@@ -437,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
     records = evaluate_questions(engine, tools, questions[rank::world_size], tokenizer=tokenizer,
                                  params=SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens),
                                  max_turns=args.max_turns, max_context=max_context, tool_names=tool_names,
-                                 batch_size=args.batch_size, rrm=rrm, system=tw.SYSTEM if args.toy else None)
+                                 batch_size=args.batch_size, rrm=rrm, system=system)
     judge = AnswerJudge(args.judge_url, args.judge_model, api_key_env=args.judge_key_env) if args.judge_url else None
     if judge is not None:
         for r, v in zip(records, judge.judge([(r["question"], r["golden_answers"], r["answer"]) for r in records])):

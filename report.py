@@ -17,7 +17,10 @@ evaluate.py computes; this file only presents what it wrote (metrics.json and th
 Safety: every string from the model, a web page, a judge or a data file is untrusted. All of it goes through
 `html.escape` (text and attribute values); the only data inside a <script> is the metrics JSON, written by
 `script_json`, which escapes `<`, `>` and `&` so no `</script>` or `<!--` in it can end the element. The JS reads
-only data-* attributes and never builds HTML from strings.
+only data-* attributes and never builds HTML from strings. A hand-edited trajectories.jsonl is untrusted in its
+shape too: every value is escaped whatever its JSON type (numbers print through `_num`, "?" for a non-number),
+a record, turn, atom or tool call of the wrong type becomes a "malformed ..." placeholder naming file:line, and
+`python report.py DIR` skips a line that is not JSON with a "file:line" warning; never a traceback.
 
 Size: the page holds the full tool responses (already cut to the tools' token budget), so a full 7 × 512-question
 evaluation gives tens of MB; trajectories start collapsed. Regenerate with `python report.py DIR`.
@@ -42,15 +45,31 @@ TAG_COLORS = {"OBSERVATION": "#2b6cb0", "HYPOTHESIS_TESTING": "#6b46c1", "RISK_A
               "ACTION": "#2f855a"}   # the left border of an atom block names its tag at a glance
 
 
+def _is_num(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _num(value, fmt: str = ".1f") -> str:
-    return "–" if value is None else format(value, fmt)
+    """A number as text; "–" for None, "?" for anything that is not a number (a hand-edited file)."""
+    if value is None:
+        return "–"
+    if not _is_num(value):
+        return "?"
+    try:
+        return format(value, fmt)
+    except (ValueError, OverflowError):
+        return "?"
+
+
+def _pct(value) -> str:
+    return _num(100 * value if _is_num(value) else value)
 
 
 def table1_rows(per_benchmark: dict[str, dict], label: str = "ours") -> tuple[list[str], list[list[str]]]:
     """(header, rows) of Table 1: F1 ×100 per benchmark, our row first."""
     paper = any(name in COLUMNS for name in per_benchmark)
     names = (list(COLUMNS) if paper else []) + [n for n in per_benchmark if n not in COLUMNS]
-    ours = [_num(100 * per_benchmark[n]["f1"]) if per_benchmark.get(n, {}).get("n") else "–" for n in names]
+    ours = [_pct(per_benchmark[n].get("f1")) if per_benchmark.get(n, {}).get("n") else "–" for n in names]
     rows = [[label] + ours] + ([[method] + [_num(scores.get(n)) for n in names]
                                 for method, scores in PAPER_ROWS.items()] if paper else [])
     return ["method"] + [COLUMNS.get(n, n) for n in names], rows
@@ -62,8 +81,10 @@ def stats_rows(per_benchmark: dict[str, dict]) -> tuple[list[str], list[list[str
               "turns", "finish", "bad rows"]
     rows = []
     for name, m in per_benchmark.items():
-        pct = lambda key: _num(100 * m[key]) if m.get(key) is not None else "–"   # noqa: E731
-        finish = ", ".join(f"{k} {v}" for k, v in sorted(m.get("finish", {}).items()))
+        pct = lambda key: _pct(m.get(key))   # noqa: E731
+        finish = m.get("finish", {})
+        finish = (", ".join(f"{k} {v}" for k, v in sorted(finish.items())) if isinstance(finish, dict)
+                  else str(finish))
         rows.append([name, str(m.get("n", 0)), pct("f1"), pct("em"), pct("judge_accuracy"),
                      _num(m.get("response_tokens")), _num(m.get("think_tokens")), _num(m.get("atoms_per_turn"), ".2f"),
                      _num(m.get("tool_calls"), ".2f"), _num(m.get("turns"), ".2f"), finish or "–",
@@ -103,29 +124,54 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def outcome(record: dict) -> str:
-    return "correct" if record.get("em") == 1 else "partial" if record.get("f1", 0) > 0 else "wrong"
+    f1 = record.get("f1", 0)
+    return "correct" if record.get("em") == 1 else "partial" if _is_num(f1) and f1 > 0 else "wrong"
 
 
-def _atom_html(atom: dict) -> str:
-    score, color = atom.get("score"), TAG_COLORS.get(atom["tag"], "#718096")
+def _as_list(value) -> list:
+    """A list field of a record; a hand-edited scalar or object becomes one (malformed) item, None none."""
+    return value if isinstance(value, list) else [] if value is None else [value]
+
+
+def _malformed(what: str, value) -> str:
+    """The placeholder of a part of a record that has the wrong shape: its JSON text, escaped and cut short."""
+    return f'<div class="bad">malformed {esc(what)}: {esc(_json_text(value)[:200])}</div>'
+
+
+def _json_text(value) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        return f"<{type(value).__name__}>"
+
+
+def _atom_html(atom) -> str:
+    if not isinstance(atom, dict):
+        return _malformed("atom (expected an object)", atom)
+    tag = atom.get("tag")
+    score, color = atom.get("score"), TAG_COLORS.get(tag, "#718096") if isinstance(tag, str) else "#718096"
     style = f"border-left-color:{color}"
-    if isinstance(score, (int, float)):
+    if _is_num(score) and 0 <= score <= 10:
         style += f";background:hsl({12 * score:.0f},70%,86%)"   # hue 0 (red) at score 0 -> 120 (green) at 10
     reason = esc(atom.get("reason", ""))
     badge = f'<span class="score" title="{reason}">{esc(_num(score, "g"))}</span>' if score is not None else ""
-    return (f'<div class="atom" style="{style}"><span class="tag" style="color:{color}">{esc(atom["tag"])}</span>'
-            f'{badge}<div class="text">{esc(atom["text"])}</div></div>')
+    return (f'<div class="atom" style="{style}"><span class="tag" style="color:{color}">{esc(tag)}</span>'
+            f'{badge}<div class="text">{esc(atom.get("text"))}</div></div>')
 
 
-def _turn_html(k: int, turn: dict) -> str:
+def _turn_html(k: int, turn) -> str:
+    if not isinstance(turn, dict):
+        return _malformed(f"turn {k} (expected an object)", turn)
     parts = [f'<div class="turn"><div class="turn-h">turn {k}</div>']
     if turn.get("atoms"):
-        parts += [_atom_html(a) for a in turn["atoms"]]
+        parts += [_atom_html(a) for a in _as_list(turn["atoms"])]
     elif turn.get("think"):
         parts.append(f'<div class="think">{esc(turn["think"])}</div>')   # a think block without atoms
     call = turn.get("tool_call")
-    if call:
-        args = json.dumps(call.get("arguments"), ensure_ascii=False)
+    if call and not isinstance(call, dict):
+        parts.append(_malformed("tool call (expected an object)", call))
+    elif call:
+        args = _json_text(call.get("arguments"))
         parts.append(f'<div class="call"><b>tool call</b> {esc(call.get("name"))} <code>{esc(args)}</code></div>')
         parts.append('<div class="masked"><div class="lbl">tool response (masked: not trained)</div>'
                      f'<pre>{esc(turn.get("tool_response") or "")}</pre></div>')
@@ -135,22 +181,45 @@ def _turn_html(k: int, turn: dict) -> str:
 
 
 def _trajectory_html(r: dict) -> str:
+    """One record as a <details> block. Every value from the record goes through `esc` (numbers through `_num`,
+    which prints "?" for a non-number), whatever its JSON type."""
     verdict = f' · judge: {esc(r["judge"])}' if r.get("judge") else ""
-    atr = f' · ATR {r["atr"]:.2f}' if isinstance(r.get("atr"), (int, float)) else ""
-    turns = "".join(_turn_html(k, t) for k, t in enumerate(r.get("turns", []), start=1))
+    atr = f' · ATR {esc(_num(r["atr"], ".2f"))}' if _is_num(r.get("atr")) else ""
+    turns = "".join(_turn_html(k, t) for k, t in enumerate(_as_list(r.get("turns")), start=1))
     if r.get("unparsed_turn") is not None:
         why, text = esc(r.get("format_error") or r.get("finish")), esc(r["unparsed_turn"])
         turns += f'<div class="turn bad"><div class="turn-h">rejected turn: {why}</div><pre>{text}</pre></div>'
-    golden = " | ".join(r.get("golden_answers", []))
+    golden = " | ".join(str(g) for g in _as_list(r.get("golden_answers")))
     answer = "(no answer)" if r.get("answer") is None else r["answer"]
+    f1, em = esc(_num(r.get("f1", 0), ".2f")), esc(_num(r.get("em", 0), ".0f"))
+    counts = [esc(_num(r.get(key, 0), "g")) for key in ("tool_calls", "response_tokens", "think_tokens")]
     return (f'<details class="traj {outcome(r)}" data-benchmark="{esc(r.get("benchmark"))}" '
             f'data-outcome="{outcome(r)}" data-finish="{esc(r.get("finish"))}">'
             f'<summary><span class="badge">{esc(r.get("benchmark"))}</span> {esc(r.get("question"))} '
-            f'<span class="res">F1 {r.get("f1", 0):.2f} · {esc(r.get("finish"))}</span></summary>'
+            f'<span class="res">F1 {f1} · {esc(r.get("finish"))}</span></summary>'
             f'{turns}<div class="final"><b>answer</b> {esc(answer)} <b>golden</b> {esc(golden)} '
-            f'· F1 {r.get("f1", 0):.2f} · EM {r.get("em", 0):.0f}{verdict}{atr} · {r.get("tool_calls", 0)} '
-            f'tool calls · {r.get("response_tokens", 0)} response tokens ({r.get("think_tokens", 0)} think)'
+            f'· F1 {f1} · EM {em}{verdict}{atr} · {counts[0]} '
+            f'tool calls · {counts[1]} response tokens ({counts[2]} think)'
             '</div></details>')
+
+
+def _record_html(i: int, r, where: str) -> str:
+    """A record, or a placeholder naming where it is when it is not an object or cannot be shown."""
+    if not isinstance(r, dict):
+        return _malformed(f"record at {where} (expected a JSON object)", r)
+    try:
+        return _trajectory_html(r)
+    except Exception as e:   # noqa: BLE001 - a shape this file did not foresee: a placeholder, never a traceback
+        return f'<div class="bad">record at {esc(where)} cannot be shown ({esc(type(e).__name__)})</div>'
+
+
+def _tables_html(per_benchmark) -> str:
+    try:
+        return (f"<h2>Table 1 (F1 ×100)</h2>{_html_table(*table1_rows(per_benchmark))}"
+                f"<h2>Per benchmark</h2>{_html_table(*stats_rows(per_benchmark))}")
+    except Exception as e:   # noqa: BLE001 - a hand-edited metrics.json
+        return f'<p class="bad">metrics.json "benchmarks" cannot be shown ({esc(type(e).__name__)})</p>'
+
 
 
 def _select(name: str, values: list[str]) -> str:
@@ -200,37 +269,68 @@ JS = """(function () {
 })();"""
 
 
-def render_report(metrics: dict, records: list[dict]) -> str:
-    """The whole report.html as a string (pure: metrics.json's dict and the trajectory records in)."""
+def render_report(metrics: dict, records: list[dict], where: list[str] | None = None) -> str:
+    """The whole report.html as a string (pure: metrics.json's dict and the trajectory records in). `where[i]`
+    names record i in placeholders (`python report.py` passes "file:line"; default "record i+1")."""
+    where = where or [f"record {i + 1}" for i in range(len(records))]
+    metrics = metrics if isinstance(metrics, dict) else {}
     per_benchmark = metrics.get("benchmarks", {})
     config = metrics.get("config", {})
-    meta = " · ".join(f"{k}: {config[k]}" for k in ("model", "retriever", "seed", "max_turns", "max_new_tokens")
-                      if k in config)
-    filters = (_select("benchmark", list(dict.fromkeys(r.get("benchmark") for r in records)))
+    config = config if isinstance(config, dict) else {}
+    meta = " · ".join(f"{k}: {config[k] if isinstance(config[k], str) else _json_text(config[k])[:200]}"
+                      for k in ("model", "retriever", "seed", "max_turns", "max_new_tokens") if k in config)
+    try:
+        data = script_json(metrics)
+    except (TypeError, ValueError, RecursionError):
+        data = "null"   # the JS does not read it; the page stays valid
+    good = [r for r in records if isinstance(r, dict)]
+    filters = (_select("benchmark", list(dict.fromkeys(str(r.get("benchmark")) for r in good)))
                + _select("outcome", ["correct", "partial", "wrong"])
-               + _select("finish", sorted({str(r.get("finish")) for r in records})) + '<span id="count"></span>')
+               + _select("finish", sorted({str(r.get("finish")) for r in good})) + '<span id="count"></span>')
     legend = ('<p>Atomic thoughts are coloured by the RRM score when judged (<span style="background:'
               'hsl(0,70%,86%)">0</span> → <span style="background:hsl(120,70%,86%)">10</span>); the hatched '
               'blocks are tool responses, the masked part of a trajectory.</p>')
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Atom-Searcher evaluation</title>"
             f"<style>{CSS}</style></head><body><h1>Evaluation report</h1><p>{esc(meta)}</p>"
-            f"<h2>Table 1 (F1 ×100)</h2>{_html_table(*table1_rows(per_benchmark))}"
-            f"<h2>Per benchmark</h2>{_html_table(*stats_rows(per_benchmark))}"
+            f"{_tables_html(per_benchmark)}"
             f"<h2>Trajectories</h2>{legend}<div id=\"filters\">{filters}</div><div id=\"trajs\">"
-            + "".join(_trajectory_html(r) for r in records)
-            + f'</div><script type="application/json" id="metrics">{script_json(metrics)}</script>'
+            + "".join(_record_html(i, r, w) for i, (r, w) in enumerate(zip(records, where, strict=True)))
+            + f'</div><script type="application/json" id="metrics">{data}</script>'
             f"<script>{JS}</script></body></html>\n")
 
 
-def write_report(path: str | Path, metrics: dict, records: list[dict]) -> None:
-    Path(path).write_text(render_report(metrics, records), encoding="utf-8")
+def write_report(path: str | Path, metrics: dict, records: list[dict], where: list[str] | None = None) -> None:
+    Path(path).write_text(render_report(metrics, records, where), encoding="utf-8")
+
+
+def read_run(run: str | Path) -> tuple[dict, list, list[str]]:
+    """(metrics, records, where) of an evaluation folder. A line of trajectories.jsonl that is not JSON is
+    reported on stderr as "file:line: ..." and skipped; an unreadable metrics.json is a SystemExit naming it."""
+    run = Path(run)
+    try:
+        metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise SystemExit(f"{run / 'metrics.json'}: cannot read it ({type(e).__name__}: {str(e)[:200]})") from None
+    records, where, path = [], [], run / "trajectories.jsonl"
+    try:
+        with open(path, "rb") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except (ValueError, RecursionError) as e:   # bad JSON, bad UTF-8, a 5000-digit number
+                    print(f"warning: {path}:{line_no}: not valid JSON, skipped ({str(e)[:200]})", file=sys.stderr)
+                    continue
+                where.append(f"{path.name}:{line_no}")
+    except OSError as e:
+        raise SystemExit(f"{path}: cannot read it ({type(e).__name__}: {e})") from None
+    return metrics, records, where
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python report.py DIR   (DIR holds metrics.json and trajectories.jsonl from evaluate.py)")
-    run = Path(sys.argv[1])
-    with open(run / "trajectories.jsonl", encoding="utf-8") as f:
-        trajectories = [json.loads(line) for line in f if line.strip()]
-    write_report(run / "report.html", json.loads((run / "metrics.json").read_text()), trajectories)
-    print(f"wrote {run / 'report.html'}")
+    run_dir = Path(sys.argv[1])
+    write_report(run_dir / "report.html", *read_run(run_dir))
+    print(f"wrote {run_dir / 'report.html'}")

@@ -1,4 +1,4 @@
-"""Where passages come from: three search backends behind one interface, a query cache, and a retrieval server.
+"""Where passages come from: three search backends behind one interface, and a query cache.
 
 The agent's `web_search` tool (search_env.py) calls a retriever; this file holds them (PAPER.md §2 tools,
 §4 "search"). All share `search(queries, k) -> list[list[Doc]]` (batched) and raise `SearchError` on failure;
@@ -13,17 +13,19 @@ search_env.Tools turns that into the text of the tool response, so a fault never
 `QueryCache` (sqlite, 7-day TTL as in DeepResearcher) + `CachedRetriever` make runs repeatable and save API cost;
 they are safe with several processes (all ranks) sharing one cache file.
 
-HTTP calls time out and are retried with exponential backoff; after the last try a `SearchError` says what failed.
+The rule for what comes from the network (net.py): a server's reply - slow, huge, malformed, deeply nested,
+redirecting - makes a search fail with a `SearchError` saying what failed, never raise anything else or hang:
+each attempt has a total deadline (`timeout`), replies are read up to `max_reply_bytes`, transient faults are
+retried with exponential backoff, and redirects are refused (Serper's key would follow them to another host).
 Our choices (the paper is silent): a batch search that fails fails every query in it; empty results are not
 cached; a `/retrieve` request without "topk" gets 3 (Search-R1's default).
 
-Serve BM25 under the shared API (one server can feed all ranks; any Search-R1 client works):
-    python search_env.py serve --corpus corpus.jsonl --port 8000      (or: python retrievers.py serve ...)
+The retrieval server that serves BM25 under the shared API is retrieval_server.py:
+    python search_env.py serve --corpus corpus.jsonl --port 8000   (or: python retrieval_server.py serve ...)
     curl -s localhost:8000/retrieve -d '{"queries": ["who wrote hamlet"], "topk": 3, "return_scores": true}'
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -35,12 +37,10 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Protocol
 
-import requests
-from requests.adapters import HTTPAdapter
+import net
 
 
 
@@ -61,7 +61,7 @@ class Doc:
         return f'"{self.title}"\n{self.text}'
 
 
-class SearchError(RuntimeError):
+class SearchError(net.RemoteError):
     """A retriever could not answer (server down, timeout, HTTP error, malformed reply). Tools turn it into text."""
 
 
@@ -197,37 +197,6 @@ class BM25Retriever:
                 for row_ids, row_scores in zip(ids.tolist(), scores.tolist())]
 
 
-def post_json(session: requests.Session, url: str, payload: dict, *, what: str, timeout: float, retries: int,
-              backoff_s: float, headers: dict | None = None) -> object:
-    """POST JSON and return the decoded reply. Transient faults (connection, timeout, HTTP 429 / 5xx) are retried
-    after backoff_s * 2**attempt seconds; other faults, or the last transient one, raise SearchError. Messages are
-    built here from the fault's kind only, so no header (an API key) can leak into them."""
-    error = "no attempt"
-    for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(backoff_s * 2 ** (attempt - 1))  # exponential backoff
-        try:
-            reply = session.post(url, json=payload, headers=headers, timeout=timeout)
-        except requests.Timeout:
-            error = "timeout"
-            continue
-        except requests.ConnectionError:
-            error = "connection failed"
-            continue
-        except requests.RequestException as e:
-            raise SearchError(f"{what}: request failed ({type(e).__name__})") from None
-        if reply.status_code == 429 or reply.status_code >= 500:
-            error = f"HTTP {reply.status_code}"
-            continue
-        if reply.status_code != 200:
-            raise SearchError(f"{what}: HTTP {reply.status_code}")
-        try:
-            return reply.json()
-        except ValueError:
-            raise SearchError(f"{what}: malformed JSON in the reply") from None
-    raise SearchError(f"{what}: {error} (after {retries + 1} attempts)")
-
-
 def parse_retrieve_reply(reply: object, n_queries: int, k: int, what: str = "retrieval server") -> list[list[Doc]]:
     """Read a `/retrieve` reply: {"result": [[{"document": {...}, "score": s} or {"id", "contents"}, ...], ...]}."""
     result = reply.get("result") if isinstance(reply, dict) else None
@@ -251,35 +220,36 @@ def parse_retrieve_reply(reply: object, n_queries: int, k: int, what: str = "ret
     return out
 
 
-def http_session(pool_size: int) -> requests.Session:
-    session = requests.Session()
-    adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size)  # bounded: at most pool_size sockets per host
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
-
-
 class HTTPRetriever:
     """Client of a retrieval server speaking `POST /retrieve` (Search-R1's API; our `serve` speaks it too).
-    `url` is the server's base URL or its full /retrieve URL."""
+    `url` is the server's base URL or its full /retrieve URL. A batch is sent in requests of at most
+    `max_queries` queries and `max_passages` queries x k (the limits of retrieval_server.py's defaults)."""
 
     def __init__(self, url: str, *, timeout: float = 30.0, retries: int = 3, backoff_s: float = 0.5,
-                 pool_size: int = 8):
+                 pool_size: int = 8, max_reply_bytes: int = 64 << 20, max_queries: int = 512,
+                 max_passages: int = 5120):
         base = url.rstrip("/")
         self.url = base if base.endswith("/retrieve") else base + "/retrieve"
         self.name = f"http:{self.url}"
-        self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
-        self.session = http_session(pool_size)
+        self.timeout, self.retries, self.backoff_s, self.max_reply_bytes = timeout, retries, backoff_s, max_reply_bytes
+        self.max_queries, self.max_passages = max_queries, max_passages
+        self.session = net.session(pool_size)
 
     def __repr__(self) -> str:
         return f"HTTPRetriever({self.url!r})"
 
     def search(self, queries: list[str], k: int) -> list[list[Doc]]:
-        if not queries:
-            return []
+        step = max(1, min(self.max_queries, self.max_passages // k))
+        return [docs for i in range(0, len(queries), step) for docs in self._request(queries[i:i + step], k)]
+
+    def _request(self, queries: list[str], k: int) -> list[list[Doc]]:
         what = f"retrieval server {self.url}"
-        reply = post_json(self.session, self.url, {"queries": list(queries), "topk": k, "return_scores": True},
-                          what=what, timeout=self.timeout, retries=self.retries, backoff_s=self.backoff_s)
+        try:
+            reply = net.post_json(self.session, self.url, {"queries": list(queries), "topk": k, "return_scores": True},
+                                  what=what, timeout=self.timeout, retries=self.retries, backoff_s=self.backoff_s,
+                                  max_bytes=self.max_reply_bytes)
+        except net.RemoteError as e:
+            raise SearchError(str(e)) from None
         return parse_retrieve_reply(reply, len(queries), k, what)
 
 
@@ -314,7 +284,7 @@ class SerperRetriever:
         self.endpoint = endpoint
         self.name = "serper" if endpoint == "https://google.serper.dev/search" else f"serper:{endpoint}"
         self.timeout, self.retries, self.backoff_s, self.max_workers = timeout, retries, backoff_s, max_workers
-        self.session = http_session(max_workers)
+        self.session = net.session(max_workers)
 
     def __repr__(self) -> str:
         return f"SerperRetriever(endpoint={self.endpoint!r})"
@@ -323,8 +293,12 @@ class SerperRetriever:
         key = os.environ.get("SERPER_API_KEY")
         if not key:
             raise SearchError("serper: the environment variable SERPER_API_KEY is not set")
-        reply = post_json(self.session, self.endpoint, {"q": query, "num": k}, headers={"X-API-KEY": key},
-                          what="serper", timeout=self.timeout, retries=self.retries, backoff_s=self.backoff_s)
+        try:
+            reply = net.post_json(self.session, self.endpoint, {"q": query, "num": k}, headers={"X-API-KEY": key},
+                                  what="serper", timeout=self.timeout, retries=self.retries, backoff_s=self.backoff_s,
+                                  max_bytes=8 << 20)
+        except net.RemoteError as e:
+            raise SearchError(str(e)) from None
         return parse_serper_reply(reply, k)
 
     def search(self, queries: list[str], k: int) -> list[list[Doc]]:
@@ -395,120 +369,3 @@ class CachedRetriever:
             # our choice: an empty result is not cached (for a web API it may be a passing glitch)
             self.cache.put(self.name, k, [(queries[i], docs) for i, docs in zip(misses, fresh) if docs])
         return results
-
-
-# ----------------------------------------------------------------------------- retrieval server
-
-def parse_retrieve_request(body: bytes, *, topk_max: int, max_queries: int) -> tuple[list[str], int, bool]:
-    """Validate a `/retrieve` body -> (queries, topk, return_scores); anything wrong raises ValueError saying what."""
-    try:
-        request = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError("the body is not valid JSON") from None
-    if not isinstance(request, dict):
-        raise ValueError("the body must be a JSON object")
-    queries = request.get("queries")
-    if not isinstance(queries, list) or not queries or not all(isinstance(q, str) for q in queries):
-        raise ValueError("'queries' must be a non-empty list of strings")
-    if len(queries) > max_queries:
-        raise ValueError(f"at most {max_queries} queries per request, got {len(queries)}")
-    topk = request.get("topk", 3)  # Search-R1's default
-    if not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= topk_max:
-        raise ValueError(f"'topk' must be an integer in [1, {topk_max}], got {topk!r}")
-    return_scores = request.get("return_scores", False)
-    if not isinstance(return_scores, bool):
-        raise ValueError(f"'return_scores' must be true or false, got {return_scores!r}")
-    return queries, topk, return_scores
-
-
-def make_server(retriever: BM25Retriever, host: str, port: int, *, topk_max: int = 100, max_queries: int = 512,
-                max_body_bytes: int = 1 << 20, verbose: bool = False) -> ThreadingHTTPServer:
-    """A threaded standard-library HTTP server answering POST /retrieve and GET /health. Bad requests get a JSON
-    {"error": ...} with HTTP 400 / 404 / 405 / 413; a failing search gets 500; no request can stop the server."""
-
-    class Handler(BaseHTTPRequestHandler):
-        timeout = 30  # seconds a client may take to send its request: a stalled client frees its thread
-
-        def _reply(self, code: int, payload: dict) -> None:
-            body = json.dumps(payload, ensure_ascii=False).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self):
-            if self.path == "/health":
-                self._reply(200, {"status": "ok", "backend": retriever.name, "passages": len(retriever.docs)})
-            elif self.path == "/retrieve":
-                self._reply(405, {"error": "use POST for /retrieve"})
-            else:
-                self._reply(404, {"error": f"unknown path {self.path}; use POST /retrieve or GET /health"})
-
-        def do_POST(self):
-            if self.path != "/retrieve":
-                return self._reply(404, {"error": f"unknown path {self.path}; use POST /retrieve"})
-            try:
-                length = int(self.headers.get("Content-Length", ""))
-            except ValueError:
-                return self._reply(400, {"error": "a Content-Length header is required"})
-            if length < 0 or length > max_body_bytes:
-                return self._reply(413 if length > 0 else 400, {"error": f"body size must be in [0, {max_body_bytes}]"})
-            try:
-                queries, topk, return_scores = parse_retrieve_request(self.rfile.read(length), topk_max=topk_max,
-                                                                      max_queries=max_queries)
-            except ValueError as e:
-                return self._reply(400, {"error": str(e)})
-            try:
-                results = retriever.search(queries, topk)
-            except Exception as e:  # a search bug must not stop the server: answer 500 and keep serving
-                return self._reply(500, {"error": f"search failed: {type(e).__name__}: {e}"})
-            docs = [[{"id": d.id, "contents": d.contents} for d in row] for row in results]
-            if return_scores:
-                docs = [[{"document": doc, "score": d.score} for doc, d in zip(row_docs, row)]
-                        for row_docs, row in zip(docs, results)]
-            self._reply(200, {"result": docs})
-
-        def _no_such_method(self):
-            self._reply(405, {"error": f"method {self.command} not allowed; use POST /retrieve or GET /health"})
-
-        do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _no_such_method
-
-        def log_message(self, format, *args):
-            if verbose:
-                super().log_message(format, *args)
-
-    return ThreadingHTTPServer((host, port), Handler)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="The search environment's command line (see the module docstring).")
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="serve BM25 over a jsonl corpus under the POST /retrieve API")
-    serve.add_argument("--corpus", required=True, help="FlashRAG jsonl corpus (id + contents, or title + text)")
-    serve.add_argument("--port", type=int, default=8000, help="TCP port")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 to serve other machines)")
-    serve.add_argument("--topk-max", type=int, default=100, help="largest topk a request may ask for")
-    serve.add_argument("--max-queries", type=int, default=512, help="most queries in one request")
-    serve.add_argument("--index-dir", default=None, help="BM25 index folder (default: beside the corpus)")
-    serve.add_argument("--verbose", action="store_true", help="log every request to stderr")
-    args = parser.parse_args(argv)
-    if args.command == "serve":
-        t0 = time.perf_counter()
-        retriever = BM25Retriever(args.corpus, index_dir=args.index_dir)
-        server = make_server(retriever, args.host, args.port, topk_max=args.topk_max, max_queries=args.max_queries,
-                             verbose=args.verbose)
-        print(f"{'built' if retriever.index_built else 'loaded'} BM25 index of {len(retriever.docs)} passages "
-              f"({retriever.index_dir}) in {time.perf_counter() - t0:.1f}s; "
-              f"serving http://{args.host}:{server.server_address[1]}/retrieve", flush=True)
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            server.server_close()
-
-
-if __name__ == "__main__":
-    main()
-

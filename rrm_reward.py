@@ -16,8 +16,10 @@ no prompt, scale or aggregation, so all of the following is our choice (PAPER.md
    thought cannot know the id of a prompt that contains it (a sha256 fixed point), so JSON written in a
    trajectory is never parsed as the verdict, even if the judge echoes it. (Whether the judge LLM is
    *persuaded* by a thought is its own robustness; the prompt tells it such text is data.)
-3. Parsing: the verdict is searched in the judge's reply only (never the prompt), after the last
-   `</think>` (JSON inside a reasoning block is ignored; an unclosed `<think>` is a truncated reply).
+3. Parsing: the verdict is searched in the judge's reply only (never the prompt), after the first
+   `</think>` that is not inside a JSON object (`after_reasoning`: JSON inside a reasoning block is
+   ignored, a verdict whose reason quotes `</think>` still counts; an unclosed leading `<think>` is a
+   truncated reply).
    Code fences and prose around the JSON are fine. The last JSON object with the right id and exactly N
    valid scores wins. Scores may be numbers or numeric strings ("7", "7.5"); NaN, inf, booleans, words and
    values outside [0, 10] are rejected, not clamped: an 11 or a -1 means the judge misread the scale.
@@ -51,8 +53,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import requests
-from requests.adapters import HTTPAdapter
+import net
 
 AGGREGATIONS = ("mean", "min", "last_turn")
 
@@ -170,8 +171,8 @@ def build_judge_prompt(trajectory, *, max_response_chars: int = 1500, max_atom_c
 _NUMBER = re.compile(r"\s*\d+(\.\d+)?\s*")   # a numeric string such as "7" or " 7.5 "; no sign, no words
 
 
-def _json_objects(text: str):
-    """Every top-level JSON object in free text (fences and prose around it are skipped)."""
+def _json_spans(text: str):
+    """(start, end, object) of every top-level JSON object in free text (fences and prose are skipped)."""
     decoder, pos = json.JSONDecoder(), text.find("{")
     while pos != -1:
         try:
@@ -180,8 +181,33 @@ def _json_objects(text: str):
             pos = text.find("{", pos + 1)
             continue
         if isinstance(obj, dict):
-            yield obj
+            yield pos, end, obj
         pos = text.find("{", end)
+
+
+def _json_objects(text: str):
+    """Every top-level JSON object in free text (fences and prose around it are skipped)."""
+    return (obj for _, _, obj in _json_spans(text))
+
+
+def after_reasoning(reply: str) -> str | None:
+    """The part of a judge reply after its reasoning block, or None when that block is never closed.
+
+    The block ends at the first `</think>` that is not inside a complete JSON object (a verdict whose
+    reason quotes "</think>" or "<think>" is data, not a tag). A reply that starts (after whitespace) with
+    `<think>` and has no such `</think>` was cut off while reasoning: None. A reply without a leading
+    `<think>` but with a `</think>` is one whose template ate the opening tag: what precedes it is
+    reasoning too. Otherwise the whole reply is the answer.
+    """
+    if "</think>" in reply:
+        spans = iter([(a, b) for a, b, _ in _json_spans(reply)])   # sorted, disjoint: one merge pass
+        span = next(spans, None)
+        for m in re.finditer(r"</think>", reply):
+            while span is not None and span[1] <= m.start():
+                span = next(spans, None)
+            if span is None or m.start() < span[0]:
+                return reply[m.end():]
+    return None if reply.lstrip().startswith("<think>") else reply
 
 
 def _score_value(value, i: int) -> float:
@@ -219,9 +245,8 @@ def parse_judge_reply(reply: str, n_atoms: int, nonce: str) -> tuple[tuple[float
     """(scores, reasons) from a judge reply, or JudgeReplyError (choice 3 of the module docstring)."""
     if not isinstance(reply, str):
         raise JudgeReplyError(f"reply is {type(reply).__name__}, not text")
-    if "</think>" in reply:
-        reply = reply.rsplit("</think>", 1)[1]          # only what follows the reasoning counts
-    elif "<think>" in reply:
+    reply = after_reasoning(reply)                      # only what follows the reasoning counts
+    if reply is None:
         raise JudgeReplyError("reasoning block <think> is never closed (reply cut off?)")
     errors, with_id = [], []
     for obj in reversed(list(_json_objects(reply))):
@@ -337,7 +362,8 @@ class HTTPJudgeRRM(LLMJudgeRRM):
     """A judge served over HTTP (e.g. `vllm serve Qwen/Qwen3-30B-A3B`), called concurrently per batch.
 
     `temperature` 0.6 is our choice (Qwen3's advice for thinking mode; it also lets a retry differ).
-    `timeout_s` bounds the connection and each wait for data, not the total time of a request.
+    `timeout_s` bounds the whole request (connect and every read, net.post_json); a failed call is retried by
+    LLMJudgeRRM (`max_retries`), and its error text has the API key redacted before it is cut to a snippet.
     """
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY",
@@ -352,11 +378,7 @@ class HTTPJudgeRRM(LLMJudgeRRM):
         self.url = base_url.rstrip("/").removesuffix("/v1") + "/v1/chat/completions"
         self.model, self.temperature, self.max_tokens = model, temperature, max_tokens
         self.timeout_s, self.concurrency, self.api_key_env = timeout_s, concurrency, api_key_env
-        self._session = requests.Session()
-        # One pool of `concurrency` connections; urllib3's own retries are off because ours count them.
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=concurrency, max_retries=0)
-        for scheme in ("http://", "https://"):
-            self._session.mount(scheme, adapter)
+        self._session = net.session(concurrency)
         key = os.environ.get(api_key_env)
         if key:   # kept only inside the session's headers: no attribute, repr or message holds it
             self._session.headers["Authorization"] = f"Bearer {key}"
@@ -365,24 +387,17 @@ class HTTPJudgeRRM(LLMJudgeRRM):
         auth = "set" if "Authorization" in self._session.headers else "unset"
         return f"HTTPJudgeRRM(url={self.url!r}, model={self.model!r}, api key from ${self.api_key_env}: {auth})"
 
-    def _redact(self, message: str) -> str:
-        key = self._session.headers.get("Authorization", "").removeprefix("Bearer ")
-        return message.replace(key, "***") if key else message
-
     def _post(self, messages: list[dict]) -> str | JudgeCallError:
         body = {"model": self.model, "messages": messages, "temperature": self.temperature,
                 "max_tokens": self.max_tokens}
         try:
-            resp = self._session.post(self.url, json=body, timeout=self.timeout_s)
-        except requests.RequestException as e:   # connection refused, timeout, reset ...
-            return JudgeCallError(self._redact(f"{type(e).__name__}: {e}"))
-        if resp.status_code != 200:
-            return JudgeCallError(self._redact(f"HTTP {resp.status_code}: {resp.text[:200]!r}"))
-        try:
-            content = resp.json()["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError) as e:
-            return JudgeCallError(self._redact(f"not a chat-completions response ({type(e).__name__}): "
-                                               f"{resp.text[:200]!r}"))
+            reply = net.post_json(self._session, self.url, body, what="judge", timeout=self.timeout_s, retries=0,
+                                  backoff_s=0.0, max_bytes=16 << 20)
+            content = reply["choices"][0]["message"]["content"]
+        except net.RemoteError as e:
+            return JudgeCallError(str(e))
+        except (KeyError, IndexError, TypeError) as e:
+            return JudgeCallError(f"judge: not a chat-completions response ({type(e).__name__})")
         # content is None when a reasoning model used up max_tokens inside <think>: an empty reply.
         return content if isinstance(content, str) else ""
 

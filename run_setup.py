@@ -7,7 +7,8 @@ tools, judge and page reader). A researcher's run fails in the first seconds, no
 something it needs is wrong, with one line `error: --flag: what is wrong` (DESIGN.md "Rules"). The checks, in
 order: the model's tokenizer and chat template (it must render a tool turn after an assistant turn), --max-context
 against the model's positions, the training and held-out questions (no held-out question may be a training
-question), the retriever (one probe search; a bm25: corpus only after the engine, see `setup_real`), the page
+question; a row too long for --max-question-chars, or whose prompt leaves no room to generate within --max-context,
+is a bad row, warned about with file:line and skipped: `prompt_fit`), the retriever (one probe search; a bm25: corpus only after the engine, see `setup_real`), the page
 reader's endpoint, the SFT data (every row written with this run's system prompt and within its context), the
 judge's endpoint (it must list the named model, as the reader's). Only then are the vLLM engine built and the
 model loaded. `sft.py make-data` (teacher_data.py) runs the same checks on its own flags.
@@ -65,16 +66,30 @@ def make_tools(spec: str, *, tokenizer, topk: int = 10, query_cache: str | None 
     "serper" (web pages: web_search + browse_webpage). `query_cache` names a sqlite file shared by all ranks."""
     from retrievers import BM25Retriever, HTTPRetriever, QueryCache, SerperRetriever
     if spec == "serper":
-        retriever, names = SerperRetriever(), ALL_TOOLS
+        retriever = SerperRetriever()
     elif spec.startswith("bm25:"):
-        retriever, names = BM25Retriever(spec[len("bm25:"):]), ("web_search",)
+        retriever = BM25Retriever(spec[len("bm25:"):])
     elif re.match(r"https?://", spec):
-        retriever, names = HTTPRetriever(spec), ("web_search",)
+        retriever = HTTPRetriever(spec)
     else:
         raise ValueError(f"expected bm25:CORPUS, an http(s):// retrieval server or serper, got {spec!r}")
     tools = Tools(retriever, topk=topk, tokenizer=tokenizer, cache=QueryCache(query_cache) if query_cache else None,
                   reader_url=reader_url, reader_model=reader_model)
-    return tools, names
+    return tools, tool_names_of(spec)
+
+
+def tool_names_of(spec: str | None) -> tuple[str, ...]:
+    """The tools a `--retriever` spec gives the agent, known before any retriever is built (the system prompt names
+    them): browse_webpage only with web pages (serper), web_search alone for passages."""
+    return ALL_TOOLS if spec == "serper" else ("web_search",)
+
+
+def prompt_fit(tokenizer, spec: str | None, max_context: int):
+    """qa_data.prompt_check for the real run's system prompt: a question whose prompt leaves no room to generate is a
+    bad row (file:line), reported and skipped, never rolled out to `finish=length`."""
+    from atomic_thought import system_prompt
+    from qa_data import prompt_check
+    return prompt_check(tokenizer, system_prompt(tool_names_of(spec)), max_context)
 
 
 def probed_tools(spec: str | None, *, tokenizer, topk: int, query_cache: str | None, reader_url: str | None,
@@ -156,14 +171,16 @@ def setup_real(args, d: Dist, needs_sft_data: bool) -> dict:
     docstring; then the vLLM engine (before the trainer allocates, and before bm25s is imported). The weights are
     loaded by train.py, once (distributed.load_model)."""
     from atomic_thought import system_prompt
-    from qa_data import load_questions
+    from qa_data import MAX_QUESTION_CHARS, load_questions
     from rrm_reward import HTTPJudgeRRM
     from sft import load_examples
     tokenizer, args.max_context = checked_tokenizer(args.model, args.max_context)
+    max_chars = getattr(args, "max_question_chars", MAX_QUESTION_CHARS)   # train.py --max-question-chars
+    fits = prompt_fit(tokenizer, args.retriever, args.max_context)
     if not args.data and args.stage != "sft":
         fail("--data", "training questions are required with --model (jsonl path(s) or a hub mix)")
     try:
-        train = load_questions(args.data, seed=args.seed) if args.data else []
+        train = load_questions(args.data, seed=args.seed, max_question_chars=max_chars, check=fits) if args.data else []
     except (OSError, ValueError) as e:
         fail("--data", str(e))
     test = []
@@ -172,7 +189,8 @@ def setup_real(args, d: Dist, needs_sft_data: bool) -> dict:
                             "questions (those evaluate.py --data-dir reads)")
     if args.eval_data:
         try:   # --eval-limit questions per benchmark, as evaluate.py draws them
-            test = load_questions(args.eval_data, seed=args.seed, limit_per_benchmark=args.eval_limit)
+            test = load_questions(args.eval_data, seed=args.seed, limit_per_benchmark=args.eval_limit,
+                                  max_question_chars=max_chars, check=fits)
         except (OSError, ValueError) as e:
             fail("--eval-data", str(e))
         overlap = {q["question"] for q in test} & {q["question"] for q in train}

@@ -46,7 +46,8 @@ from pathlib import Path
 from atomic_thought import THINK_PREFIX, render_messages, render_turn
 from engine import Completion, SamplingParams
 from evaluate import f1_score, sampled_runs
-from retrievers import SearchError, http_session, post_json
+from net import RemoteError, post_json, session as http_session
+from qa_data import MAX_QUESTION_CHARS, question_chars_arg
 from run_setup import fail
 from search_env import PAPER_LIMITS, rollout
 
@@ -103,7 +104,7 @@ class ChatTeacherEngine:
     The rollout hands it token ids; it splits the decoded ChatML text (`<|im_start|>role\\n...<|im_end|>`, the format
     of Qwen2.5 and of the toy tokenizer) back into messages, adds `TEACHER_INSTRUCTIONS` to the system message, and
     tokenizes the reply with the policy's tokenizer. At most `concurrency` requests are in flight; transient faults
-    (connection, timeout, 429, 5xx) are retried `retries` times with backoff (retrievers.post_json). A call that still
+    (connection, timeout, 429, 5xx) are retried `retries` times with backoff (net.post_json). A call that still
     fails, or a reply that is not a chat completion, becomes a Completion with `error` set: the rollout ends that
     episode as `engine_error`, and `filter_trajectory` counts it as a teacher error. The API key is read from
     $`api_key_env` at each call and kept nowhere.
@@ -142,7 +143,7 @@ class ChatTeacherEngine:
             text = choice["message"]["content"]
             if not isinstance(text, str):
                 raise TypeError
-        except SearchError as e:
+        except RemoteError as e:
             self.stats["errors"] += 1
             return Completion([], [], "error", "", error=str(e))
         except (KeyError, IndexError, TypeError):
@@ -325,6 +326,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help="the policy to be trained (its tokenizer and chat template only)")
     p.add_argument("--data", help="questions: jsonl path(s) or a hub mix (qa_data.py), e.g. train.jsonl")
     p.add_argument("--limit", type=int, help="questions to draw from --data (default: all)")
+    p.add_argument("--max-question-chars", type=question_chars_arg, default=MAX_QUESTION_CHARS,
+                   help="a longer question or golden answer is a bad row, reported and skipped, never tokenized "
+                        f"(default {MAX_QUESTION_CHARS})")
     p.add_argument("--retriever", help="bm25:CORPUS | http(s)://retrieval-server | serper, as train.py's")
     p.add_argument("--query-cache", help="sqlite file caching search results, as train.py's")
     p.add_argument("--reader-url", help="page reader for browse_webpage (serper), as train.py's")
@@ -356,13 +360,15 @@ def real_setup(args) -> dict:
     (run_setup.py), each failure naming its flag."""
     from atomic_thought import system_prompt
     from qa_data import load_questions
-    from run_setup import check_endpoint, check_reader, checked_tokenizer, probed_tools
+    from run_setup import check_endpoint, check_reader, checked_tokenizer, probed_tools, prompt_fit
     for flag in ("--teacher-url", "--teacher-model", "--model", "--data"):
         if not getattr(args, flag[2:].replace("-", "_")):
             fail(flag, "required without --toy")
     tokenizer, max_context = checked_tokenizer(args.model, args.max_context)
     try:
-        questions = load_questions(args.data, limit=args.limit, seed=args.seed)
+        questions = load_questions(args.data, limit=args.limit, seed=args.seed,
+                                   max_question_chars=args.max_question_chars,
+                                   check=prompt_fit(tokenizer, args.retriever, max_context))
     except (OSError, ValueError) as e:
         fail("--data", str(e))
     tools, tool_names = probed_tools(args.retriever, tokenizer=tokenizer, topk=args.topk, query_cache=args.query_cache,

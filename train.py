@@ -48,6 +48,7 @@ import hashlib
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -56,12 +57,13 @@ import torch.distributed as dist
 
 import toy_world as tw
 from curriculum import SCHEDULES, alpha, blend
-from distributed import (CheckpointError, Dist, export_hf, latest_checkpoint, load_checkpoint, load_model,
+from distributed import (CheckpointError, Dist, checkpoints, export_hf, load_checkpoint, load_model,
                          named_full_tensors, peak_memory, prepare_model, reset_peak_memory, save_checkpoint,
-                         sft_collectives)
+                         sft_collectives, verify_checkpoint)
 from engine import HFEngine, SamplingParams
 from evaluate import exact_match, f1_score
 from grpo import group_advantages, grpo_loss, nonzero_groups, token_logprobs
+from qa_data import MAX_QUESTION_CHARS, question_chars_arg
 from run_setup import fail, setup_real, setup_toy
 from search_env import PAPER_LIMITS, rollout, show_mask
 from sft import collate, first_turn, micro_batches, training_example, train_sft
@@ -89,6 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     # what to train, on what
     p.add_argument("--model", default=None, help="HF model path or name; omit for the toy world's tiny model")
     p.add_argument("--data", default=None, help="training questions: jsonl path(s) or a hub mix (qa_data.py)")
+    p.add_argument("--max-question-chars", type=question_chars_arg, default=MAX_QUESTION_CHARS,
+                   help="a longer question or golden answer in --data/--eval-data is a bad row, reported and "
+                        f"skipped, never tokenized (default {MAX_QUESTION_CHARS})")
     p.add_argument("--sft-data", default=None, help="SFT jsonl (sft.py make-data); toy: generated in memory")
     p.add_argument("--stage", choices=("sft", "grpo", "all"), default="all", help="which stages to run")
     p.add_argument("--out", default=None, help="output folder (default runs/<time>)")
@@ -284,16 +289,24 @@ def counter_deltas(env, before: dict, d: Dist) -> dict:
 class Logger:
     """One `|`-separated line per step on rank 0, a jsonl file always, wandb when asked (imported lazily).
 
-    `keep_until`: on --resume, the records of steps after the checkpoint (logged by the run that was stopped or
-    killed, and about to be redone) are dropped from metrics.jsonl first, so every step appears once."""
+    `keep_until`: the step the run resumes after (-1: a fresh start). The records of later steps, logged by a run
+    that was stopped or killed and about to be redone, are dropped from metrics.jsonl first, and so are a torn or
+    unreadable line (a kill mid-write) and, in a file an older version wrote after a resume, the records a
+    restarted step replaces: every step appears once, in order."""
 
-    def __init__(self, out: Path, d: Dist, wandb_project: str | None, config: dict, keep_until: int | None = None):
+    def __init__(self, out: Path, d: Dist, wandb_project: str | None, config: dict, keep_until: int = -1):
         self.on = d.rank == 0
         path = out / "metrics.jsonl"
-        if self.on and keep_until is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines(keepends=True)
-                    if line.endswith("\n") and json.loads(line)["step"] <= keep_until]   # a torn last line goes too
-            path.with_suffix(".tmp").write_text("".join(kept))
+        if self.on and path.exists():
+            kept: list[tuple[int, str]] = []
+            for line in path.read_text(errors="replace").splitlines(keepends=True):
+                record = logged_record(line)
+                if record is None or record["step"] > keep_until:
+                    continue
+                if "eval" not in record and kept and kept[-1][0] >= record["step"]:   # the step was redone
+                    kept = [(step, kept_line) for step, kept_line in kept if step < record["step"]]
+                kept.append((record["step"], line))
+            path.with_suffix(".tmp").write_text("".join(line for _, line in kept))
             path.with_suffix(".tmp").replace(path)
         self.file = open(path, "a") if self.on else None
         self.wandb = None
@@ -319,7 +332,35 @@ class Logger:
                                                           for name, s in scores.items()), flush=True)
 
 
+def logged_record(line: str) -> dict | None:
+    """One metrics.jsonl line as a record with an int "step"; None for a torn or unreadable line."""
+    try:
+        record = json.loads(line) if line.endswith("\n") else None
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
 # ----------------------------------------------------------------------------- main
+def resume_point(out: Path, d: Dist, damaged: list[tuple[Path, str]]) -> Path | None:
+    """The newest intact source for --resume: the checkpoints newest first (step_000000 is the SFT model), then
+    the SFT export (sft_model/model), each checked against its manifest; None when there is none (a fresh start).
+    `damaged` holds (source, reason) of those found damaged, by this walk or by a failed load, which it skips;
+    when every source is damaged the run stops naming each (`error: --resume`). A collective (the hashing)."""
+    sources = d.broadcast([*reversed(checkpoints(out / "checkpoints")), out / "sft_model" / "model"])
+    for path in sources:
+        if not path.exists() or path in {p for p, _ in damaged}:
+            continue
+        reason = verify_checkpoint(path, d)
+        if reason is None:
+            return path
+        damaged.append((path, reason))
+    if damaged:
+        fail("--resume", f"nothing intact to resume from in {out}: " + "; ".join(f"{p} is damaged ({r})"
+                                                                                 for p, r in damaged))
+    return None
+
+
 def vocab_hash(tokenizer) -> str:
     """A fingerprint of the tokenizer's vocabulary, kept in every checkpoint: token ids mean nothing under another."""
     return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
@@ -359,8 +400,13 @@ def main(argv=None) -> dict:
     d.barrier()
     t_start = time.perf_counter()
     sft_dir, checkpoint_dir = args.out / "sft_model", args.out / "checkpoints"
-    resume_from = latest_checkpoint(args.out) if args.resume else None     # step_000000 is the SFT model
-    sft_done = args.resume and (resume_from is not None or (sft_dir / "model").exists())
+    export, damaged = sft_dir / "model", []            # damaged: (source, reason) of each one --resume skipped
+    resume_from = resume_point(args.out, d, damaged) if args.resume else None   # a checkpoint, or the SFT export
+    sft_done = resume_from is not None
+    if sft_done and args.kl_beta > 0 and resume_from != export and export.exists():   # the KL reference, unchecked
+        reason = verify_checkpoint(export, d)
+        if reason is not None:
+            fail("--resume", f"{export} is damaged ({reason}); it is the KL reference of --kl-beta")
     do_sft = args.stage in ("sft", "all") and not sft_done
     env = setup_toy(args, d) if args.model is None else setup_real(args, d, needs_sft_data=do_sft)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}   # resolved by the setup
@@ -371,23 +417,38 @@ def main(argv=None) -> dict:
     summary = {"seed": args.seed, "reward": args.reward, "alpha0": args.alpha0}
     if sft_done:
         check_same_tokenizer(resume_from, sft_dir, tokenizer)
-        if (sft_dir / "state.json").exists():
+        try:
             summary.update(json.loads((sft_dir / "state.json").read_text()))
+        except (OSError, ValueError) as e:          # the SFT stage's test F1 only: the run goes on without it
+            print(f"warning: {sft_dir / 'state.json'} is unreadable ({type(e).__name__})", file=sys.stderr)
 
     # The policy, sharded under torchrun: rank 0 reads the weights (the SFT export when resuming from it alone), and
     # a checkpoint overwrites them; the toy's tiny model is built in memory by every rank. Then GRPO's optimizer
     # (SFT makes its own), so that a checkpoint can fill both.
-    source = sft_dir / "model" if sft_done and resume_from is None else args.model
-    model = load_model(source, d) if source is not None else prepare_model(env.pop("model"), d)
-    env["model"] = None                            # no second copy of the weights stays alive
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    def policy(source):
+        model = load_model(source, d) if source is not None else prepare_model(env.pop("model"), d)
+        env["model"] = None                        # no second copy of the weights stays alive
+        return model, torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+
+    model, optimizer = policy(export if resume_from == export else args.model)
     state = {"step": 0}
-    if resume_from is not None:
+    while resume_from not in (None, export):
         try:
-            state = load_checkpoint(resume_from, model, d, optimizer)
-        except CheckpointError as e:
-            fail("--resume", str(e))
-    logger = Logger(args.out, d, args.wandb, config, keep_until=state["step"] if args.resume else None)
+            state, reason = load_checkpoint(resume_from, model, d, optimizer), None
+        except CheckpointError as e:               # intact by its manifest, yet unreadable: the next one
+            reason = e.reason
+        reason = next((r for r in d.gather(reason) if r is not None), None)   # one rank's failure stops them all
+        if reason is None:
+            break
+        damaged.append((resume_from, reason))
+        state, resume_from = {"step": 0}, resume_point(args.out, d, damaged)
+        check_same_tokenizer(resume_from, sft_dir, tokenizer)
+        model, optimizer = (policy(export) if resume_from == export else   # no half-loaded Adam state stays
+                            (model, torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)))
+    if d.rank == 0:
+        for path, reason in damaged:
+            print(f"warning: {path} is damaged ({reason}); resuming from {resume_from}", file=sys.stderr, flush=True)
+    logger = Logger(args.out, d, args.wandb, config, keep_until=state["step"] if sft_done else -1)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     engine, separate = env["engine"], env["engine"] is not None
     if engine is None and d.fsdp:   # a sharded model cannot generate (each new token would be a collective)
@@ -445,7 +506,7 @@ def main(argv=None) -> dict:
         data_rng.setstate((version, tuple(internal), gauss))
     ref_model = None
     if args.kl_beta > 0:   # the frozen SFT policy, for the k3 KL term only (also after --resume), like the policy
-        ref_source = sft_dir / "model" if (sft_dir / "model").exists() else args.model
+        ref_source = export if export.exists() else args.model
         ref_model = (load_model(ref_source, d, dtype=sync_dtype, trainable=False) if ref_source is not None else
                      prepare_model(tw.build_tiny_model(tokenizer, seed=args.seed).requires_grad_(False).eval(), d,
                                    trainable=False))    # the toy without SFT: its initial weights, rebuilt

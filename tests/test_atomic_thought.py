@@ -119,13 +119,13 @@ def test_no_exception_other_than_format_error_escapes(junk):
         pass
 
 
-def test_one_megabyte_turn_parses_in_well_under_a_second():
+def test_one_megabyte_turn_parses_in_linear_time():
     atoms = "".join(f"<OBSERVATION> fact {i} </OBSERVATION><ACTION> step {i} </ACTION>" for i in range(16_000))
     text = f"<think>{atoms}</think>" + SEARCH
     assert len(text) > 1_000_000
     start = time.perf_counter()
     turn = parse_turn(text)
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 10.0   # ~0.3 s idle; a quadratic parse of 1 MB would take minutes
     assert len(turn.atoms) == 32_000
     with pytest.raises(FormatError):  # the same size, malformed at the very end
         parse_turn(text[:-3])

@@ -36,3 +36,19 @@ def test_gpu_check_smoke_mode_runs_every_phase_on_cpu(tmp_path):
     assert [g["step"] for g in r["grpo"]] == [1, 2, 3, 4] and all(g["update_tokens"] > 0 for g in r["grpo"])
     assert r["checkpoints"] == ["step_000003", "step_000004"]
     assert r["logprobs"]["tokens"] == 2048 and r["train_step"]["loss"] != 0.0
+
+
+def test_bench_server_smoke_reports_throughput_errors_and_memory(tmp_path):
+    """bench/bench_server.py --smoke: the retrieval server as a subprocess under concurrent clients, then large
+    requests: the one over --max-passages is refused, the largest allowed is answered, memory is read."""
+    out = tmp_path / "server.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "bench_server.py"), "--smoke", "--out", str(out)],
+                   check=True, capture_output=True, timeout=120, cwd=tmp_path)
+    r = json.loads(out.read_text())
+    t = r["throughput"]
+    assert t["requests"] == t["ok"] > 0 and t["errors"] == {} and t["p99_ms"] >= t["p50_ms"] > 0
+    refused, answered = r["large"]
+    assert refused["shape"] == "512x100" and refused["outcomes"] == {"HTTP 400": 2}
+    assert answered["outcomes"] == {"ok": 2} and answered["reply_mb"] > 0
+    assert all(x["peak_rss_mb"] >= x["rss_before_mb"] > 0 and x["retained_rss_mb"] > 0 for x in r["large"])
+    assert r["server_tracebacks"] == 0 and r["server_counts"]["rejected"] == 2

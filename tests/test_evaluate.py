@@ -335,6 +335,35 @@ def test_cli_on_the_toy_world(toy_dir, tmp_path):
     assert "| method | test |" in proc.stdout and "| test | 3 |" in proc.stdout
 
 
+def test_hostile_rows_cost_their_benchmark_those_rows_not_the_run(toy_dir, tmp_path, capsys):
+    """Issue 16: a 10 MB question, a prompt over max_context (toy: 1024), a huge golden answer and a lone surrogate
+    are bad rows with file:line; the rest of that benchmark and the other benchmarks are evaluated and written."""
+    folder, _ = toy_dir
+    good = (folder / "test.jsonl").read_text().splitlines()[:2]
+    hostile = [good[0],
+               json.dumps({"id": "big", "question": "x" * 10_000_000, "golden_answers": ["a"]}),
+               json.dumps({"id": "long", "question": "x y " * 900, "golden_answers": ["a"]}),   # 3,600 characters
+               json.dumps({"id": "gold", "question": "Who?", "golden_answers": ["a" * 5000]}),
+               '{"id": "sur", "question": "Who\\ud800?", "golden_answers": ["a"]}',
+               good[1]]
+    (folder / "hostile.jsonl").write_text("\n".join(hostile) + "\n")
+    (folder / "allbad.jsonl").write_text(hostile[2] + "\n")
+    out = tmp_path / "run"
+    main(["--toy", "--data-dir", str(folder), "--out", str(out), "--benchmarks", "test,hostile,allbad", "--limit", "2",
+          "--engine", "hf", "--max-new-tokens", "8", "--max-turns", "1"])
+    err = capsys.readouterr().err
+    where = folder / "hostile.jsonl"
+    assert f"{where}:2: line of 10000" in err and f"{where}:4: a golden answer has 5000 characters" in err
+    assert f"{where}:3: prompt is " in err and "max_context is 1024 (--max-context)" in err
+    assert f"{where}:5: holds text that is not valid Unicode" in err and f"{folder / 'allbad.jsonl'}:1: prompt" in err
+    benchmarks = json.loads((out / "metrics.json").read_text())["benchmarks"]
+    assert [(name, m["n"], m["bad_rows"]) for name, m in benchmarks.items() if name != "test"] == \
+        [("hostile", 2, 4), ("allbad", 0, 1)] and benchmarks["test"]["n"] == 2
+    records = load_records(out / "trajectories.jsonl")
+    assert [r["benchmark"] for r in records] == ["test", "test", "hostile", "hostile"]
+    assert (out / "report.html").read_text().count("<details ") == 4
+
+
 @pytest.mark.skipif(not os.environ.get("ATOM_REAL_DATA"), reason="set ATOM_REAL_DATA to the shared data folder")
 def test_real_data_seven_benchmarks(toy_dir, tmp_path, monkeypatch, capsys):
     data = Path(os.environ["ATOM_REAL_DATA"])

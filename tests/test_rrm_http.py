@@ -129,7 +129,7 @@ def test_transport_failures_back_off_exponentially(server, monkeypatch):
     rrm = judge(server, retry_backoff_s=0.5, max_retries=2)
     [atr] = rrm.score([traj([("A", "3 x")], question="q")])
     assert sleeps == [0.5, 1.0]
-    assert atr.fallback and atr.error.startswith("judge call failed: HTTP 500")
+    assert atr.fallback and "judge call failed: judge: HTTP 500" in atr.error
     assert rrm.stats["http_errors"] == 3 and rrm.stats["fallbacks"] == 1
 
 
@@ -188,7 +188,7 @@ def test_unreachable_server_falls_back_without_raising():
     probe.server_close()                       # nothing listens on this port any more
     rrm = HTTPJudgeRRM(url, "m", retry_backoff_s=0.0, max_retries=1, timeout_s=2.0)
     [atr] = rrm.score([traj([("A", "3 x")])])
-    assert atr.fallback and atr.value == 0.0 and "ConnectionError" in atr.error
+    assert atr.fallback and atr.value == 0.0 and "connection failed" in atr.error
     assert rrm.stats == {"calls": 2, "retries": 1, "http_errors": 2, "fallbacks": 1}
 
 

@@ -1,5 +1,6 @@
-"""Tests of the search environment (retrievers.py and search_env.py): corpus parsing, BM25 and its on-disk index, the /retrieve
-server and client, Serper parsing, browsing and its refusals, the query cache, and fault injection.
+"""Tests of the search environment (retrievers.py and search_env.py): corpus parsing, BM25 and its on-disk index, the
+/retrieve client, Serper parsing, browsing and its refusals, the query cache, and fault injection (the server's
+tests are in test_retrieval_server.py, hostile pages and replies in test_hostile.py).
 
 Everything runs offline against servers started here on 127.0.0.1.
 """
@@ -11,19 +12,18 @@ import sys
 import threading
 import time
 import traceback
-import urllib.error
-import urllib.request
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+import net
 import search_env
 from atomic_thought import ToolCall
 from retrievers import (BM25Retriever, CachedRetriever, Doc, HTTPRetriever, QueryCache, SearchError,
-                        SerperRetriever, make_server, parse_corpus)
-from search_env import Tools, check_url
+                        SerperRetriever, parse_corpus)
+from search_env import Tools, fetch_page
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -145,94 +145,6 @@ def test_bm25_index_goes_to_user_cache_when_corpus_folder_is_read_only(corpus, t
         os.chmod(corpus.parent, 0o755)
     assert retriever.index_dir.is_relative_to(tmp_path / "xdg" / "atom_searcher" / "bm25")
     assert not list(corpus.parent.glob("corpus.jsonl.bm25-*"))
-
-
-# ----------------------------------------------------------------------------- retrieval server
-
-def post(url, body, content_type="application/json"):
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type}, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=5) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-@pytest.fixture
-def bm25_server(corpus):
-    server = make_server(BM25Retriever(corpus), "127.0.0.1", 0, topk_max=10, max_queries=4)
-    yield serve_in_thread(server)
-    server.shutdown()
-    server.server_close()
-
-
-def test_server_answers_a_plain_client_and_our_client(bm25_server):
-    code, reply = post(bm25_server + "/retrieve", json.dumps(
-        {"queries": ["Eiffel tower", "Great Wall of China"], "topk": 2, "return_scores": True}).encode())
-    assert code == 200 and len(reply["result"]) == 2
-    top = reply["result"][0][0]
-    assert top["document"]["id"] == "p1" and top["document"]["contents"].startswith('"Eiffel Tower"\n')
-    assert isinstance(top["score"], float) and top["score"] > 0
-    code, reply = post(bm25_server + "/retrieve", json.dumps({"queries": ["Great Wall"]}).encode())
-    assert code == 200 and reply["result"][0][0] == {"id": "p5", "contents": '"Great Wall"\n' + PASSAGES[4]["contents"]
-                                                      .split("\n", 1)[1]}
-    with urllib.request.urlopen(bm25_server + "/health", timeout=5) as health:
-        assert json.loads(health.read())["passages"] == len(PASSAGES)
-    docs = HTTPRetriever(bm25_server).search(["Amazon river", "Python language"], 2)
-    assert [d[0].id for d in docs] == ["p4", "p3"] and docs[0][0].title == "Amazon River" and docs[0][0].score > 0
-
-
-@pytest.mark.parametrize("body, message", [
-    (b"{not json", "not valid JSON"),
-    (b"[1, 2]", "JSON object"),
-    (b'{"topk": 3}', "'queries'"),
-    (b'{"queries": "one string"}', "'queries'"),
-    (b'{"queries": ["a", 3]}', "'queries'"),
-    (b'{"queries": []}', "'queries'"),
-    (b'{"queries": ["a", "b", "c", "d", "e"]}', "at most 4 queries"),
-    (b'{"queries": ["a"], "topk": 0}', "'topk'"),
-    (b'{"queries": ["a"], "topk": 11}', "'topk'"),
-    (b'{"queries": ["a"], "topk": "3"}', "'topk'"),
-    (b'{"queries": ["a"], "topk": true}', "'topk'"),
-    (b'{"queries": ["a"], "return_scores": "yes"}', "'return_scores'"),
-    (b"\xff\xfe", "not valid JSON"),
-])
-def test_server_rejects_malformed_requests_and_keeps_serving(bm25_server, body, message):
-    code, reply = post(bm25_server + "/retrieve", body)
-    assert code == 400 and message in reply["error"]
-    code, reply = post(bm25_server + "/retrieve", b'{"queries": ["Everest"], "topk": 1}')
-    assert code == 200 and reply["result"][0][0]["id"] == "p2"
-
-
-def test_server_wrong_path_and_method(bm25_server):
-    code, reply = post(bm25_server + "/search", b'{"queries": ["a"]}')
-    assert code == 404 and "unknown path" in reply["error"]
-    for method, path, expected in [("GET", "/retrieve", 405), ("GET", "/nope", 404), ("DELETE", "/retrieve", 405)]:
-        request = urllib.request.Request(bm25_server + path, method=method)
-        with pytest.raises(urllib.error.HTTPError) as info:
-            urllib.request.urlopen(request, timeout=5)
-        assert info.value.code == expected and "error" in json.loads(info.value.read())
-    # a client that never sends its body must not block others
-    with socket.create_connection(("127.0.0.1", int(bm25_server.rsplit(":", 1)[1]))) as stalled:
-        stalled.sendall(b"POST /retrieve HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")
-        assert post(bm25_server + "/retrieve", b'{"queries": ["Everest"]}')[0] == 200
-
-
-def test_server_answers_500_when_the_search_fails_and_keeps_serving(corpus):
-    class Flaky(BM25Retriever):
-        def search(self, queries, k):
-            if queries == ["explode"]:
-                raise RuntimeError("index corrupted")
-            return super().search(queries, k)
-    server = make_server(Flaky(corpus), "127.0.0.1", 0)
-    url = serve_in_thread(server)
-    try:
-        code, reply = post(url + "/retrieve", b'{"queries": ["explode"]}')
-        assert code == 500 and "index corrupted" in reply["error"]
-        assert post(url + "/retrieve", b'{"queries": ["Everest"], "topk": 1}')[1]["result"][0][0]["id"] == "p2"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 # ----------------------------------------------------------------------------- Serper
@@ -375,13 +287,17 @@ def test_browse_with_a_reader_llm(page_server, local_http, monkeypatch):
         Tools(FakeRetriever({}), reader_url="http://x")
 
 
-def test_check_url_checks_every_resolved_address(monkeypatch):
-    answers = {"public.example": ["93.184.216.34"], "mixed.example": ["93.184.216.34", "192.168.1.5"]}
+def test_browse_guard_checks_every_resolved_address(monkeypatch):
+    """One private address among a host's answers refuses it, before any connection is tried."""
+    answers = {"mixed.example": ["93.184.216.34", "192.168.1.5"], "mapped.example": ["::ffff:127.0.0.1"]}
     monkeypatch.setattr(socket, "getaddrinfo", lambda host, port, **kw: [
-        (socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in answers[host]])
-    check_url("https://public.example/page", allow_private=False)
-    with pytest.raises(search_env.BrowseRefused, match="private"):
-        check_url("https://mixed.example/page", allow_private=False)
+        (socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))
+        for ip in answers[host]])
+    monkeypatch.setattr(net, "create_connection", lambda *a, **k: pytest.fail("a refused host was connected to"))
+    session = net.session(2, guard=net.public_only)
+    for host in answers:
+        with pytest.raises(search_env.BrowseRefused, match="private"):
+            fetch_page(f"https://{host}/page", session=session, timeout=5, max_bytes=1000)
 
 
 # ----------------------------------------------------------------------------- web_search tool
@@ -480,7 +396,7 @@ def slow(handler):
 @pytest.mark.parametrize("fault, respond, message", [
     ("down", None, "connection failed (after 2 attempts)"),
     ("timeout", slow, "timeout (after 2 attempts)"),
-    ("http 500", lambda h: (500, "text/plain", b"boom"), "HTTP 500 (after 2 attempts)"),
+    ("http 500", lambda h: (500, "text/plain", b"boom"), "HTTP 500 ('boom') (after 2 attempts)"),
     ("http 404", lambda h: (404, "text/plain", b"nope"), "HTTP 404"),
     ("bad json", lambda h: (200, "application/json", b"{truncated"), "malformed JSON"),
     ("bad shape", lambda h: (200, "application/json", b'{"result": [[{"document": 5}], []]}'), "malformed reply"),
@@ -505,3 +421,15 @@ def test_empty_results_and_a_later_recovery(local_http):
                      "[1] T\nbody"]
     assert "HTTP 500" in texts[0]
     assert tools.stats == Counter(search_calls=3, search_failures=1, empty_results=1)
+
+
+def test_http_retriever_splits_a_batch_within_the_server_limits(local_http):
+    seen = []
+
+    def respond(handler):
+        request = json.loads(handler.request_body)
+        seen.append((len(request["queries"]), request["topk"]))
+        return 200, "application/json", json.dumps({"result": [[] for _ in request["queries"]]}).encode()
+    retriever = HTTPRetriever(local_http(respond), max_queries=4, max_passages=9)
+    assert retriever.search([f"q{i}" for i in range(7)], 3) == [[]] * 7
+    assert seen == [(3, 3), (3, 3), (1, 3)]                        # 9 // 3 = 3 queries per request

@@ -138,6 +138,25 @@ def test_questions_are_told_apart_by_benchmark_and_id(world, tmp_path):
         [(name, f"q{i}") for name in "ab" for i in range(4)]
 
 
+def test_rows_too_long_for_the_limits_are_bad_rows_not_teacher_calls(world, tmp_path, capsys):
+    """Issue 16: a question over --max-question-chars and one whose prompt leaves no room within --max-context are
+    reported with file:line and never sent to the teacher; the other questions are."""
+    questions = (world / "questions.jsonl").read_text().splitlines()[:3]
+    data = tmp_path / "q.jsonl"
+    long = json.dumps({"id": "long", "question": "x y " * 240, "golden_answers": ["a"]})      # 960 characters
+    wide = json.dumps({"id": "wide", "question": "x" * 1001, "golden_answers": ["a"]})
+    data.write_text("\n".join([questions[0], long, questions[1], wide, questions[2]]) + "\n")
+    server, url = serve(world)
+    try:
+        counts = main(args(world, url, tmp_path / "sft.jsonl", "--data", str(data), "--max-question-chars", "1000"))
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err
+    assert f"{data}:2: prompt is " in err and "max_context is 1024 (--max-context)" in err
+    assert f"{data}:4: 'question' has 1001 characters, more than the limit of 1000 (--max-question-chars)" in err
+    assert counts["kept"] == 3 and sum(counts.values()) == 3
+
+
 def test_toy_mode_writes_the_scripted_teachers_data(tmp_path):
     counts = main(["--toy", "--n", "6", "--out", str(tmp_path / "toy.jsonl")])
     assert counts == {"kept": 6, "malformed": 0, "no_atoms": 0, "low_f1": 0, "teacher_error": 0}
