@@ -8,8 +8,9 @@ one error type, hang past its deadline, or fill memory past its byte limit.
   - `Deadline(seconds)`: a total limit for all blocking socket I/O of a block of code on this thread (connect and
     every read and write). requests' `timeout` bounds each wait for data, so a server trickling one byte a second
     holds a call for as long as it likes; here every socket the block touches is shut down when the time is up,
-    which ends any blocked read at once. DNS resolution (`getaddrinfo`) cannot be interrupted and is bounded by
-    the system resolver's own timeout.
+    which ends any blocked read at once (one timer thread serves all deadlines; retrieval_server.py uses them for
+    its clients too). DNS resolution (`getaddrinfo`) cannot be interrupted and is bounded by the system
+    resolver's own timeout.
   - `session(pool_size, guard=...)`: a requests.Session whose connections check the address they are about to
     connect to. Checking the URL before the request is not enough: urllib.parse and urllib3 read some URLs
     differently (`http://127.0.0.1:1\\@8.8.8.8/` is 8.8.8.8 to the first and 127.0.0.1 to the second), and DNS
@@ -20,7 +21,7 @@ one error type, hang past its deadline, or fill memory past its byte limit.
     credentials to another host); error messages are built here, with every secret header value redacted before
     any reply text is cut to a snippet.
   - `read_body`, `loads`: the bounded read and the JSON decode that turns every decoder failure (deep nesting,
-    5,000-digit integers, bad UTF-8) into ValueError.
+    5,000-digit integers, bad UTF-8) into ValueError and every lone surrogate escape into "?".
 
 Our choices: a request's deadline defaults to its `timeout`; an API call never follows redirects; `guard=None`
 (any address) for the endpoints the user configures, `public_only` for URLs that come from the web.
