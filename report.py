@@ -1,7 +1,7 @@
 """How an evaluation is shown: the paper's Table 1 with our row, and one HTML page of every trajectory.
 
 evaluate.py computes; this file only presents what it wrote (metrics.json and the trajectory records):
-- `markdown_table1`: F1 ×100 laid out as Table 1 of the paper (PAPER.md §5) - the seven benchmarks as columns,
+- `markdown_table1`: F1 ×100 laid out as Table 1 of the paper (METHOD.md §5) - the seven benchmarks as columns,
   our row, then the paper's Atom-Searcher and DeepResearcher rows for reference (printed only when one of the
   seven was evaluated); any other benchmark gets its own column. `markdown_stats`: one row per benchmark with
   the test-time statistics the paper compares (tokens, think tokens, atoms per turn, tool calls) and counts.
@@ -32,7 +32,7 @@ import json
 import sys
 from pathlib import Path
 
-# Table 1 of the paper (F1 ×100, PAPER.md §5): column headers, and the rows printed beside ours.
+# Table 1 of the paper (F1 ×100, METHOD.md §5): column headers, and the rows printed beside ours.
 COLUMNS = {"nq": "NQ", "triviaqa": "TQ", "hotpotqa": "HotpotQA", "2wikimultihopqa": "2Wiki", "musique": "MuSiQue",
            "bamboogle": "Bamboogle", "popqa": "PopQA"}
 PAPER_ROWS = {

@@ -1,7 +1,7 @@
 """The retrieval server: BM25 over a jsonl corpus behind the `POST /retrieve` API that Search-R1-style servers
 share, so one server can feed every rank and any Search-R1 client works (retrievers.HTTPRetriever is ours).
 
-    python search_env.py serve --corpus corpus.jsonl --port 8000      (or: python retrieval_server.py serve ...)
+    python retrieval_server.py serve --corpus corpus.jsonl --port 8000
     curl -s localhost:8000/retrieve -d '{"queries": ["who wrote hamlet"], "topk": 3, "return_scores": true}'
 
 The rule: no client - malformed, slow, greedy or gone - can crash the server, hold a worker past its deadline,

@@ -1,8 +1,8 @@
 """Where passages come from: three search backends behind one interface, and a query cache.
 
-The agent's `web_search` tool (search_env.py) calls a retriever; this file holds them (PAPER.md §2 tools,
-§4 "search"). All share `search(queries, k) -> list[list[Doc]]` (batched) and raise `SearchError` on failure;
-search_env.Tools turns that into the text of the tool response, so a fault never ends an episode.
+The agent's `web_search` tool (tools.py) calls a retriever; this file holds them (METHOD.md §2 tools,
+§4 "search"), and `make_retriever` builds one from a `--retriever` spec. All share `search(queries, k) -> list[list[Doc]]` (batched) and raise `SearchError` on failure;
+tools.Tools turns that into the text of the tool response, so a fault never ends an episode.
   - `BM25Retriever`: bm25s over a FlashRAG jsonl corpus (`id` + `contents`, or `title` + `text`), in process;
     the index is built once and saved next to the corpus (or under ~/.cache when that folder is read-only),
     keyed by the sha256 of the corpus bytes. The toy world and the integration tests use it.
@@ -21,7 +21,7 @@ Our choices (the paper is silent): a batch search that fails fails every query i
 cached; a `/retrieve` request without "topk" gets 3 (Search-R1's default).
 
 The retrieval server that serves BM25 under the shared API is retrieval_server.py:
-    python search_env.py serve --corpus corpus.jsonl --port 8000   (or: python retrieval_server.py serve ...)
+    python retrieval_server.py serve --corpus corpus.jsonl --port 8000
     curl -s localhost:8000/retrieve -d '{"queries": ["who wrote hamlet"], "topk": 3, "return_scores": true}'
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sqlite3
 import tempfile
@@ -369,3 +370,14 @@ class CachedRetriever:
             # our choice: an empty result is not cached (for a web API it may be a passing glitch)
             self.cache.put(self.name, k, [(queries[i], docs) for i, docs in zip(misses, fresh) if docs])
         return results
+
+
+def make_retriever(spec: str) -> Retriever:
+    """The retriever of a `--retriever` spec: "bm25:CORPUS", "http(s)://retrieval-server" or "serper"."""
+    if spec == "serper":
+        return SerperRetriever()
+    if spec.startswith("bm25:"):
+        return BM25Retriever(spec[len("bm25:"):])
+    if re.match(r"https?://", spec):
+        return HTTPRetriever(spec)
+    raise ValueError(f"expected bm25:CORPUS, an http(s):// retrieval server or serper, got {spec!r}")

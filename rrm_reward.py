@@ -1,9 +1,9 @@
 """The Reasoning Reward Model (RRM): a judge LLM scores the agent's atomic thoughts -> Atomic Thought Reward.
 
-Atom-Searcher (arXiv 2508.12800, §3; PAPER.md §1, §3) uses an off-the-shelf reasoning LLM (reportedly
+Atom-Searcher (arXiv 2508.12800, §3; METHOD.md §1, §3) uses an off-the-shelf reasoning LLM (reportedly
 Qwen3-30B-A3B, untrained) as a process judge: it reads a trajectory and scores each atomic thought; the
 result, the Atomic Thought Reward (ATR), is blended with the answer's F1 by curriculum.py. The paper gives
-no prompt, scale or aggregation, so all of the following is our choice (PAPER.md §3 "ATR [ours]"):
+no prompt, scale or aggregation, so all of the following is our choice (METHOD.md §3.3):
 
 1. Prompt (our own text): the question, every turn's atoms, tool call, truncated tool response and the
    final answer; NOT the golden answer. Atoms are numbered 1..N; the judge returns JSON with one score 0-10
@@ -27,7 +27,7 @@ no prompt, scale or aggregation, so all of the following is our choice (PAPER.md
    failures wait `retry_backoff_s`·2^k first). After that the trajectory gets `fallback_atr` (default 0.0),
    flagged `fallback=True` with the last error; `stats` counts calls, retries, parse_errors, http_errors,
    fallbacks. Nothing the judge returns can raise out of `score`.
-5. A malformed trajectory (format_ok False) gets R = -1 in the blend and no ATR (PAPER.md §3): it is never
+5. A malformed trajectory (format_ok False) gets R = -1 in the blend and no ATR (METHOD.md §3): it is never
    sent to the judge and its ATR.value is None. A trajectory with zero atoms gets ATR 0.0 without a call.
 
 Backends (all `RRM.score(trajectories) -> list[ATR]`):
@@ -35,7 +35,7 @@ Backends (all `RRM.score(trajectories) -> list[ATR]`):
   once from a bounded thread pool over one pooled requests.Session. The API key comes from an environment
   variable (default OPENAI_API_KEY; unset = no auth header) and never appears in reprs, stats or errors.
 - `EngineRRM`: in-process through an engine.py engine and its tokenizer's chat template (one machine).
-- `ToyOracleRRM` (toy world only): a rule-based stand-in for the LLM judge (toy_world.oracle_atom_scores).
+- `toy_world.ToyOracleRRM` (toy world only): a rule-based stand-in for the LLM judge, on this interface.
 
 Not covered: calibration of the judge's scale, caching of repeated trajectories, judging tool choice
 separately from thoughts. Run `python rrm_reward.py` to print the judge prompt of an example trajectory.
@@ -45,12 +45,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import time
 from collections import Counter
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import net
@@ -277,11 +275,11 @@ class RRM:
         results: list[ATR | None] = [None] * len(trajectories)
         todo = []
         for i, traj in enumerate(trajectories):
-            if not traj.format_ok:              # R = -1 without an ATR (PAPER.md §3): never judged
+            if not traj.format_ok:              # R = -1 without an ATR (METHOD.md §3): never judged
                 results[i] = ATR(None, error=f"not judged: format error ({traj.finish or 'unfinished'})")
                 self.stats["format_skipped"] += 1
             elif not any(turn.atoms for turn in traj.turns):
-                results[i] = ATR(0.0, (), ())   # nothing to judge: ATR = 0 (PAPER.md §3)
+                results[i] = ATR(0.0, (), ())   # nothing to judge: ATR = 0 (METHOD.md §3)
                 self.stats["zero_atoms"] += 1
             else:
                 todo.append(i)
@@ -359,7 +357,7 @@ class LLMJudgeRRM(RRM):
 # ---- backend 1: an OpenAI-compatible chat-completions endpoint ----------------------------------
 
 class HTTPJudgeRRM(LLMJudgeRRM):
-    """A judge served over HTTP (e.g. `vllm serve Qwen/Qwen3-30B-A3B`), called concurrently per batch.
+    """A judge served over HTTP (e.g. `vllm serve Qwen/Qwen3-30B-A3B`), called concurrently per batch (net.ChatClient).
 
     `temperature` 0.6 is our choice (Qwen3's advice for thinking mode; it also lets a retry differ).
     `timeout_s` bounds the whole request (connect and every read, net.post_json); a failed call is retried by
@@ -370,44 +368,27 @@ class HTTPJudgeRRM(LLMJudgeRRM):
                  temperature: float = 0.6, max_tokens: int = 4096, timeout_s: float = 120.0,
                  concurrency: int = 32, **kwargs):
         super().__init__(**kwargs)
-        if not isinstance(base_url, str) or not re.match(r"https?://[^/]", base_url):
-            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
-        if concurrency < 1 or timeout_s <= 0 or max_tokens < 1:
-            raise ValueError(f"concurrency, timeout_s and max_tokens must be positive, got "
-                             f"{concurrency}, {timeout_s}, {max_tokens}")
-        self.url = base_url.rstrip("/").removesuffix("/v1") + "/v1/chat/completions"
-        self.model, self.temperature, self.max_tokens = model, temperature, max_tokens
-        self.timeout_s, self.concurrency, self.api_key_env = timeout_s, concurrency, api_key_env
-        self._session = net.session(concurrency)
-        key = os.environ.get(api_key_env)
-        if key:   # kept only inside the session's headers: no attribute, repr or message holds it
-            self._session.headers["Authorization"] = f"Bearer {key}"
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        self.client = net.ChatClient(base_url, model, what="judge", api_key_env=api_key_env, timeout=timeout_s,
+                                     retries=0, backoff_s=0.0, pool_size=concurrency)
+        self.temperature, self.max_tokens = temperature, max_tokens
 
     def __repr__(self) -> str:
-        auth = "set" if "Authorization" in self._session.headers else "unset"
-        return f"HTTPJudgeRRM(url={self.url!r}, model={self.model!r}, api key from ${self.api_key_env}: {auth})"
+        return f"HTTPJudgeRRM({self.client!r})"
 
     def _post(self, messages: list[dict]) -> str | JudgeCallError:
-        body = {"model": self.model, "messages": messages, "temperature": self.temperature,
-                "max_tokens": self.max_tokens}
         try:
-            reply = net.post_json(self._session, self.url, body, what="judge", timeout=self.timeout_s, retries=0,
-                                  backoff_s=0.0, max_bytes=16 << 20)
-            content = reply["choices"][0]["message"]["content"]
+            return self.client.chat(messages, temperature=self.temperature, max_tokens=self.max_tokens).text
         except net.RemoteError as e:
             return JudgeCallError(str(e))
-        except (KeyError, IndexError, TypeError) as e:
-            return JudgeCallError(f"judge: not a chat-completions response ({type(e).__name__})")
-        # content is None when a reasoning model used up max_tokens inside <think>: an empty reply.
-        return content if isinstance(content, str) else ""
 
     def _complete(self, messages_list: list[list[dict]]) -> list[str | JudgeCallError]:
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(messages_list))) as pool:
-            return list(pool.map(self._post, messages_list))
+        return self.client.map(self._post, messages_list)
 
     def close(self) -> None:
         """Close the pooled connections (they also close when the object is garbage-collected)."""
-        self._session.close()
+        self.client.close()
 
 
 # ---- backend 2: in-process through an engine.py engine ---------------------------------------------
@@ -442,26 +423,6 @@ class EngineRRM(LLMJudgeRRM):
                                "(the judge needs exactly one per prompt: n=1)")
         return [c.text if isinstance(c.text, str) else "" for c in completions]
 
-
-# ---- backend 3: ToyOracleRRM (toy world) ------------------------------------------------------------
-
-class ToyOracleRRM(RRM):
-    """The LLM judge's stand-in for the toy world (CPU demo, ablations): rule scores against the gold chain.
-
-    Not an LLM and not the paper's RRM: `toy_world.oracle_atom_scores` checks each atom against the
-    question's gold chain in `trajectory.metadata` (right entity observed, bridge entity held once it has
-    been retrieved, action on the next needed hop). It never sees the golden answer as such, only the chain
-    an ideal agent would follow, and it judges well-formed trajectories only, like the LLM backends.
-    """
-
-    def _judge(self, trajectories: list) -> list[ATR]:
-        from toy_world import oracle_atom_scores
-        out = []
-        for t in trajectories:
-            scored = oracle_atom_scores(t.turns, t.tool_responses, t.metadata)
-            self.stats["calls"] += 1
-            out.append(self._atr(t, [s for s, _ in scored], [r for _, r in scored]))
-        return out
 
 if __name__ == "__main__":
     from atomic_thought import Atom, ToolCall, make_turn

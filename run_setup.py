@@ -1,32 +1,35 @@
-"""What a training run is made of, and the checks that guard it: every startup check names the flag to fix.
+"""What a run is made of, and the checks that guard it: every startup check names the flag to fix.
 
-`make_tools` turns a `--retriever` spec into the agent's tools, the same for teacher data, training and
-evaluation. `train.py` builds its run here: `setup_toy` (the embedded default: the toy world, its tokenizer and tiny model,
-BM25 over its corpus, the toy oracle as judge) or `setup_real` (a real model with its questions, teacher data,
-tools, judge and page reader). A researcher's run fails in the first seconds, not after hours of SFT, when
-something it needs is wrong, with one line `error: --flag: what is wrong` (DESIGN.md "Rules"). The checks, in
-order: the model's tokenizer and chat template (it must render a tool turn after an assistant turn), --max-context
-against the model's positions, the training and held-out questions (no held-out question may be a training
-question; a row too long for --max-question-chars, or whose prompt leaves no room to generate within --max-context,
-is a bad row, warned about with file:line and skipped: `prompt_fit`), the retriever (one probe search; a bm25: corpus only after the engine, see `setup_real`), the page
+The wiring layer of the entry points (train.py, teacher_data.py; evaluate.py builds its tools with tools.make_tools):
+`setup_toy` (the embedded default: the toy world, its tokenizer and tiny model, BM25 over its corpus, the toy
+oracle as judge), `toy_teacher_setup` (teacher_data.py --toy) or `setup_real` (a real model with its questions,
+teacher data, tools, judge and page reader), and `resume_point` / `check_same_tokenizer` for --resume. A
+researcher's run fails in the first seconds, not after hours of SFT, when something it needs is wrong, with one line
+`error: --flag: what is wrong` (METHOD.md §8.9). The checks, in order: the model's tokenizer and chat template (it
+must render a tool turn after an assistant turn), --max-context against the model's positions, the training and
+held-out questions (no held-out question may be a training question; a row too long for --max-question-chars, or
+whose prompt leaves no room to generate within --max-context, is a bad row, warned about with file:line and skipped:
+`prompt_fit`), the retriever (one probe search; a bm25: corpus only after the engine, see `setup_real`), the page
 reader's endpoint, the SFT data (every row written with this run's system prompt and within its context), the
 judge's endpoint (it must list the named model, as the reader's). Only then are the vLLM engine built and the
-model loaded. `sft.py make-data` (teacher_data.py) runs the same checks on its own flags.
+model loaded. teacher_data.py runs the same checks on its own flags.
 
 Our choice: an explicit --max-context beyond the model's positions is an error, the default is the paper's 32k
-capped by them (PAPER.md §4).
+capped by them (METHOD.md §4).
 """
 from __future__ import annotations
 
-import os
-import re
+import hashlib
+import json
+from pathlib import Path
 
 import torch.distributed as dist
 
 import toy_world as tw
-from distributed import Dist
-from atomic_thought import ALL_TOOLS
-from search_env import PAPER_LIMITS, Tools
+from distributed import Dist, checkpoints, verify_checkpoint
+from qa_data import write_jsonl
+from search_env import PAPER_LIMITS
+from tools import Tools, make_tools, tool_names_of
 
 
 def fail(flag: str, message: str) -> None:
@@ -57,31 +60,6 @@ def checked_tokenizer(model: str, max_context: int | None) -> tuple[object, int]
     if positions and max_context > positions:
         fail("--max-context", f"{max_context} tokens is beyond the {positions} positions of {model}")
     return tokenizer, max_context
-
-
-def make_tools(spec: str, *, tokenizer, topk: int = 10, query_cache: str | None = None, reader_url: str | None = None,
-               reader_model: str | None = None) -> tuple[Tools, tuple[str, ...]]:
-    """(Tools, tool names) of a real run from its `--retriever` spec, the same for teacher data, training and
-    evaluation: "bm25:CORPUS" or "http(s)://retrieval-server" (passages without pages: web_search alone) or
-    "serper" (web pages: web_search + browse_webpage). `query_cache` names a sqlite file shared by all ranks."""
-    from retrievers import BM25Retriever, HTTPRetriever, QueryCache, SerperRetriever
-    if spec == "serper":
-        retriever = SerperRetriever()
-    elif spec.startswith("bm25:"):
-        retriever = BM25Retriever(spec[len("bm25:"):])
-    elif re.match(r"https?://", spec):
-        retriever = HTTPRetriever(spec)
-    else:
-        raise ValueError(f"expected bm25:CORPUS, an http(s):// retrieval server or serper, got {spec!r}")
-    tools = Tools(retriever, topk=topk, tokenizer=tokenizer, cache=QueryCache(query_cache) if query_cache else None,
-                  reader_url=reader_url, reader_model=reader_model)
-    return tools, tool_names_of(spec)
-
-
-def tool_names_of(spec: str | None) -> tuple[str, ...]:
-    """The tools a `--retriever` spec gives the agent, known before any retriever is built (the system prompt names
-    them): browse_webpage only with web pages (serper), web_search alone for passages."""
-    return ALL_TOOLS if spec == "serper" else ("web_search",)
 
 
 def prompt_fit(tokenizer, spec: str | None, max_context: int):
@@ -117,17 +95,13 @@ def check_reader(reader_url: str | None, reader_model: str | None, tool_names: t
 def check_endpoint(url: str, model: str, url_flag: str, model_flag: str, api_key_env: str = "OPENAI_API_KEY") -> None:
     """An OpenAI-compatible endpoint (judge, teacher, page reader) answers GET /v1/models and lists `model`. The
     message names the fault's kind and the listed models only, never a header (the API key)."""
-    import requests
-    models = url.rstrip("/").removesuffix("/chat/completions").removesuffix("/v1") + "/v1/models"
-    key = os.environ.get(api_key_env)
+    from net import ChatClient, RemoteError
     try:
-        reply = requests.get(models, timeout=10, headers={"Authorization": f"Bearer {key}"} if key else None)
-        reply.raise_for_status()
-        names = [m["id"] for m in reply.json()["data"]]
-    except requests.RequestException as e:
-        fail(url_flag, f"{models} does not answer ({type(e).__name__})")
-    except (ValueError, KeyError, TypeError):
-        fail(url_flag, f"{models} is not an OpenAI-compatible model list")
+        client = ChatClient(url, model, what=url_flag, api_key_env=api_key_env, timeout=10.0)
+        names = client.models()
+    except (ValueError, RemoteError) as e:
+        fail(url_flag, f"{url} does not answer as an OpenAI-compatible endpoint: {e}")
+    client.close()
     if model not in names:
         fail(model_flag, f"{url} serves {names}, not {model!r}")
 
@@ -142,10 +116,47 @@ def vllm_engine(model_path: str, args, d: Dist):
                       max_num_seqs=args.vllm_max_num_seqs, sleep_level=args.vllm_sleep if d.cuda else 0)
 
 
+# ----------------------------------------------------------------------------- --resume
+def resume_point(out: Path, d: Dist, damaged: list[tuple[Path, str]]) -> Path | None:
+    """The newest intact source for --resume: the checkpoints newest first (step_000000 is the SFT model), then
+    the SFT export (sft_model/model), each checked against its manifest; None when there is none (a fresh start).
+    `damaged` holds (source, reason) of those found damaged, by this walk or by a failed load, which it skips;
+    when every source is damaged the run stops naming each (`error: --resume`). A collective (the hashing)."""
+    sources = d.broadcast([*reversed(checkpoints(out / "checkpoints")), out / "sft_model" / "model"])
+    for path in sources:
+        if not path.exists() or path in {p for p, _ in damaged}:
+            continue
+        reason = verify_checkpoint(path, d)
+        if reason is None:
+            return path
+        damaged.append((path, reason))
+    if damaged:
+        fail("--resume", f"nothing intact to resume from in {out}: " + "; ".join(f"{p} is damaged ({r})"
+                                                                                 for p, r in damaged))
+    return None
+
+
+def vocab_hash(tokenizer) -> str:
+    """A fingerprint of the tokenizer's vocabulary, kept in every checkpoint: token ids mean nothing under another."""
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
+
+
+def check_same_tokenizer(checkpoint: Path | None, sft_dir: Path, tokenizer) -> None:
+    """--resume continues with the tokenizer the saved weights were trained with, or stops (`error: --resume`)."""
+    from transformers import AutoTokenizer
+    state = checkpoint / "state.json" if checkpoint is not None else None
+    saved = json.loads(state.read_text()).get("tokenizer") if state is not None and state.exists() else None
+    if saved is None and (sft_dir / "model").exists():
+        saved = vocab_hash(AutoTokenizer.from_pretrained(sft_dir / "model"))
+    if saved is not None and saved != vocab_hash(tokenizer):
+        fail("--resume", f"{checkpoint or sft_dir} was saved with another tokenizer than this run's (a changed toy "
+                         "world or --model?): its token ids would be misread")
+
+
+# ----------------------------------------------------------------------------- the run's parts
 def setup_toy(args, d: Dist) -> dict:
     """The embedded default: toy world, tokenizer, tiny model, BM25 over its corpus, oracle judge."""
     from retrievers import BM25Retriever
-    from rrm_reward import ToyOracleRRM
     world = tw.build_world(args.seed)
     tokenizer = tw.build_tokenizer(world)
     model = tw.build_tiny_model(tokenizer, seed=args.seed)
@@ -157,12 +168,12 @@ def setup_toy(args, d: Dist) -> dict:
         engine = vllm_engine(str(init), args, d)
     corpus = tw.DEFAULT_DATA_DIR / f"toy-{world.key()}" / "corpus.jsonl"
     if d.rank == 0 and not corpus.exists():
-        tw.write_jsonl(world.corpus, corpus)
+        write_jsonl(world.corpus, corpus)
     if d.on:
         dist.barrier()
     tools = Tools(BM25Retriever(corpus), topk=args.topk, tokenizer=tokenizer)
     test = [{**q, "benchmark": q["metadata"]["type"]} for q in world.splits["test"][:args.eval_limit]]  # by type
-    return dict(world=world, tokenizer=tokenizer, model=model, engine=engine, tools=tools, rrm=ToyOracleRRM(),
+    return dict(world=world, tokenizer=tokenizer, model=model, engine=engine, tools=tools, rrm=tw.ToyOracleRRM(aggregation=args.atr_aggregation),
                 system=tw.SYSTEM, tool_names=tw.TOOLS, train=world.splits["train"], test=test, sft_examples=None)
 
 
@@ -208,7 +219,7 @@ def setup_real(args, d: Dist, needs_sft_data: bool) -> dict:
     examples = None
     if needs_sft_data:
         if not args.sft_data:
-            fail("--sft-data", "SFT needs teacher trajectories: python sft.py make-data ... (README, Real run)")
+            fail("--sft-data", "SFT needs teacher trajectories: python teacher_data.py ... (README, Real run)")
         try:
             examples = load_examples(args.sft_data, tokenizer, system=system, max_context=args.max_context)
         except (OSError, ValueError) as e:
@@ -218,10 +229,31 @@ def setup_real(args, d: Dist, needs_sft_data: bool) -> dict:
         if not args.rrm_url:
             fail("--rrm-url", "the blended reward needs a judge endpoint (or use --reward outcome)")
         check_endpoint(args.rrm_url, args.rrm_model, "--rrm-url", "--rrm-model")
-        rrm = HTTPJudgeRRM(args.rrm_url, args.rrm_model, max_tokens=args.rrm_max_tokens)
+        rrm = HTTPJudgeRRM(args.rrm_url, args.rrm_model, max_tokens=args.rrm_max_tokens,
+                           aggregation=args.atr_aggregation)
     engine = None
     if args.engine == "vllm" or (args.engine == "auto" and d.cuda):
         engine = vllm_engine(args.model, args, d)     # before FSDP allocates
     search_tools, tool_names = early or tools()
     return dict(tokenizer=tokenizer, model=None, engine=engine, tools=search_tools, rrm=rrm, system=system,
                 tool_names=tool_names, train=train, test=test, sft_examples=examples)
+
+
+def toy_teacher_setup(args) -> dict:
+    """`teacher_data.py --toy`: the toy world's scripted teacher on its train split, with the demo's flaws and
+    limits (teacher_data.main's env)."""
+    from atomic_thought import system_prompt
+    from retrievers import BM25Retriever
+    world = tw.build_world(args.world_seed)
+    tokenizer = tw.build_tokenizer(world)
+    corpus = Path(args.out).resolve().parent / f"toy-corpus-{world.key()}.jsonl"
+    corpus.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(world.corpus, corpus)
+    questions = world.splits["train"][:args.n or tw.SFT_QUESTIONS]
+    flaws = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in tw.TEACHER_FLAWS.items()}
+    teacher = tw.ToyTeacherEngine(tokenizer, questions, **flaws, seed=args.world_seed)
+    return dict(teacher=teacher, tokenizer=tokenizer, tools=Tools(BM25Retriever(corpus), topk=tw.TOPK,
+                                                                 tokenizer=tokenizer),
+                tool_names=tw.TOOLS, questions=questions, **tw.LIMITS,
+                system=system_prompt(tw.TOOLS) if args.real_prompt else tw.SYSTEM,
+                min_f1=0.0 if args.min_f1 is None else args.min_f1)

@@ -1,23 +1,23 @@
 """Supervised fine-tuning on atomic-thought trajectories: the first stage of Atom-Searcher.
 
-Atom-Searcher's first stage (arXiv 2508.12800, §3.2; PAPER.md §1.2): a teacher LLM writes full multi-turn
+Atom-Searcher's first stage (arXiv 2508.12800, §3.2; METHOD.md §1.2): a teacher LLM writes full multi-turn
 search trajectories whose `<think>` blocks are split into atomic thoughts (teacher_data.py), and the policy is
 fine-tuned on them, so that RL starts from a model that already thinks in atoms and calls tools in the right format.
 
 Two pieces:
-1. `render_conversation`: chat messages -> (prompt_ids, ids, mask) with *exactly* the rollout's token format
-   and mask convention (search_env.py): the forced `<think>` prefix and all template glue and tool responses
-   are mask 0, the assistant's own text is mask 1. SFT and RL therefore train on identical token layouts
-   (DESIGN.md "The one data structure"); a test checks the ids and masks equal a rollout's.
+1. `training_example`: chat messages -> token ids and mask through search_env.render_conversation, *exactly* the
+   rollout's token format and mask convention: the forced `<think>` prefix and all template glue and tool
+   responses are mask 0, the assistant's own text is mask 1. SFT and RL therefore train on identical token layouts
+   (METHOD.md §7); a test checks the ids and masks equal a rollout's.
 2. `sft_loss`: token-mean cross-entropy over mask-1 tokens, -Σ m·log p / N_tok. It is GRPO's loss with
-   every advantage 1 and no ratio (training_design.md §2.5), computed by the same chunked `token_logprobs`.
+   every advantage 1 and no ratio (METHOD.md §8.2), computed by the same chunked `token_logprobs`.
 
-Our choices (the paper gives no SFT details; PAPER.md §6): the loss (token-mean), a constant learning rate, and
+Our choices (the paper gives no SFT details; METHOD.md §6): the loss (token-mean), a constant learning rate, and
 `load_examples` refusing rows written with another system prompt than the run's (the policy would be trained on
 one prompt and rolled out on another).
 
 Run:
-    python sft.py make-data ...                   # teacher data (teacher_data.py; --help lists the flags)
+    python teacher_data.py ...                   # teacher data (teacher_data.py; --help lists the flags)
     python sft.py --data sft.jsonl --model DIR --out DIR2 [--steps N]     (also under torchrun: FSDP2)
 The 8-GPU FSDP2 run of this stage is `torchrun --nproc_per_node=8 train.py --stage sft ...`.
 """
@@ -26,61 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from atomic_thought import THINK_PREFIX
-from grpo import token_logprobs
-from search_env import TurnGlue, prompt_ids
-
-
-# ----------------------------------------------------------------------------- rendering
-def render_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[int], list[int]]:
-    """(prompt_ids, ids, mask) of a conversation [system, user, assistant, tool, assistant, ...].
-
-    Built from the same pieces as the rollout (prompt_ids, TurnGlue), so the ids equal what a rollout that
-    sampled these assistant texts would hold, and mask = 1 exactly on the assistant's text after `<think>\\n`.
-    """
-    roles = [m["role"] for m in messages]
-    if roles[:2] != ["system", "user"] or len(roles) < 3 or roles[-1] != "assistant":
-        raise ValueError(f"expected [system, user, assistant, (tool, assistant)*], got roles {roles}")
-    glue = TurnGlue(tokenizer)
-    p_ids = prompt_ids(tokenizer, messages[1]["content"], messages[0]["content"])
-    ids, mask = [], []
-    for k, m in enumerate(messages[2:], start=2):
-        expected = "assistant" if k % 2 == 0 else "tool"
-        if m["role"] != expected:
-            raise ValueError(f"message {k} has role {m['role']!r}, expected {expected!r}")
-        if m["role"] == "assistant":
-            if not m["content"].startswith(THINK_PREFIX):
-                raise ValueError(f"assistant message {k} must start with {THINK_PREFIX!r} (the forced prefix)")
-            sampled = tokenizer(m["content"][len(THINK_PREFIX):], add_special_tokens=False)["input_ids"]
-            injected = glue.close_ids(False) if k == len(messages) - 1 else []
-        else:
-            sampled, injected = [], glue.tool_ids(m["content"])
-        ids += sampled + injected
-        mask += [1] * len(sampled) + [0] * len(injected)
-    return p_ids, ids, mask
-
-
-def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad (token ids, mask) rows -> input_ids, attention_mask, loss mask, each (B, T).
-
-    Right padding lets a causal model ignore the pads (real tokens never attend to later positions), and
-    the pads carry mask 0, so they touch neither loss nor token count.
-    """
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)       # (B, T)
-    attention_mask = torch.zeros_like(input_ids)
-    loss_mask = torch.zeros(len(rows), width)
-    for i, (ids, m) in enumerate(rows):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        attention_mask[i, :len(ids)] = 1
-        loss_mask[i, :len(m)] = torch.tensor(m, dtype=torch.float)
-    return input_ids, attention_mask, loss_mask
+from grpo import collate, micro_batches
+from logprobs import token_logprobs
+from search_env import render_conversation
 
 
 def sft_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
@@ -116,20 +69,6 @@ def first_turn(example: tuple[list[int], list[int]]) -> tuple[list[int], list[in
     while end < len(mask) and mask[end] == 1:
         end += 1
     return ids[:end], mask[:end]
-
-
-def micro_batches(rows: list, budget: int) -> list[list]:
-    """Pack rows (each starting with its token ids), sorted by length, into micro-batches of at most `budget`
-    padded tokens; a row longer than the budget gets a micro-batch of its own. SFT and GRPO both use it, so a
-    micro-batch's activations and logits scale with its tokens, not with its number of rows."""
-    rows = sorted(rows, key=lambda r: len(r[0]))
-    out, current = [], []
-    for r in rows:
-        if current and (len(current) + 1) * len(r[0]) > budget:
-            out.append(current)
-            current = []
-        current.append(r)
-    return out + ([current] if current else [])
 
 
 def sft_step(model, rows: list[tuple[list[int], list[int]]], *, pad_id: int, micro_batch_tokens: int,
@@ -215,14 +154,7 @@ def load_examples(path: str, tokenizer, *, system: str | None = None,
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["make-data"]:     # teacher data: teacher_data.py has the teachers, the filter and the files
-        from teacher_data import main as make_data
-        make_data(argv[1:])
-        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", nargs="?", choices=("train",), help="fine-tune (the default; `make-data`: "
-                        "teacher data, see `python sft.py make-data --help`)")
     parser.add_argument("--data", required=True, help="SFT jsonl (rows with chat 'messages')")
     parser.add_argument("--model", required=True, help="HF model directory or name")
     parser.add_argument("--out", required=True, help="output directory for the fine-tuned checkpoint")

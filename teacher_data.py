@@ -1,15 +1,16 @@
 """Teacher data for SFT: a teacher LLM runs the real environment, and the trajectories that pass a filter are kept.
 
-Atom-Searcher's SFT stage (arXiv 2508.12800, §3.2; PAPER.md §1.2) fine-tunes the policy on full multi-turn search
+Atom-Searcher's SFT stage (arXiv 2508.12800, §3.2; METHOD.md §1.2) fine-tunes the policy on full multi-turn search
 trajectories that a teacher wrote in the atomic-thought format. The paper names neither the teacher, nor its
 prompt, nor the filter; this file is our version of that step:
 
 1. The teacher plays the policy's part in `search_env.rollout`, so it sees exactly what the policy will see in
    training: the run's system prompt, tools, topk and limits (train.py's real run builds them the same way, through
-   `run_setup.make_tools` and `atomic_thought.system_prompt`). Teachers, behind the engine interface:
+   `tools.make_tools` and `atomic_thought.system_prompt`). Teachers, behind the engine interface:
    - `ChatTeacherEngine`: an OpenAI-compatible chat endpoint (e.g. `vllm serve Qwen/Qwen2.5-72B-Instruct`), told
      how to write atomic thoughts by `TEACHER_INSTRUCTIONS` (our prompt), called concurrently with a bounded pool;
-   - `ToyTeacherEngine`: the toy world's scripted, deliberately imperfect teacher (toy_world.teacher_turns).
+   - `toy_world.ToyTeacherEngine`: the toy world's scripted, deliberately imperfect teacher (`--toy`, wired in
+     run_setup.toy_teacher_setup).
 2. The filter (`filter_trajectory`, our choice) sorts each question into one outcome: `kept` (well-formed, every
    think block holds an atom, F1 >= min_f1), `malformed` (format error, turn or context limit), `no_atoms`, `low_f1`,
    or `teacher_error` (the endpoint failed after its retries: never fatal, retried by the next run).
@@ -18,9 +19,9 @@ prompt, nor the filter; this file is our version of that step:
    last turn, the settings and counts to OUT.stats.json. A rerun with the same OUT skips finished questions.
 
 Run (README "Real run", step 2):
-    python sft.py make-data --teacher-url http://teacher:8002 --teacher-model Qwen/Qwen2.5-72B-Instruct \\
+    python teacher_data.py --teacher-url http://teacher:8002 --teacher-model Qwen/Qwen2.5-72B-Instruct \\
         --model Qwen/Qwen2.5-7B-Instruct --data train.jsonl --retriever http://retrieval:8000 --out sft.jsonl
-    python sft.py make-data --toy --out data/sft.jsonl                       # the toy world's scripted teacher
+    python teacher_data.py --toy --out data/sft.jsonl                       # the toy world's scripted teacher
 The flags not shown default to train.py's real-run values (top-10 results, 10 turns, 2,000 tokens per turn, 32k
 context capped by the model); a run with other values needs the same ones here (train.py refuses SFT data written
 with another system prompt, or longer than its context). Our defaults: keep F1 >= 0.5 (0 for the toy teacher, whose
@@ -37,60 +38,22 @@ import argparse
 import fcntl
 import json
 import os
-import random
 import sys
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from atomic_thought import THINK_PREFIX, render_messages, render_turn
+from atomic_thought import THINK_PREFIX, render_messages
 from engine import Completion, SamplingParams
-from evaluate import f1_score, sampled_runs
-from net import RemoteError, post_json, session as http_session
+from curriculum import f1_score
+from net import ChatClient, RemoteError
 from qa_data import MAX_QUESTION_CHARS, question_chars_arg
-from run_setup import fail
-from search_env import PAPER_LIMITS, rollout
+from run_setup import fail, toy_teacher_setup
+from search_env import PAPER_LIMITS, rollout, sampled_runs
 
 OUTCOMES = ("kept", "malformed", "no_atoms", "low_f1", "teacher_error")
 
 
 # ----------------------------------------------------------------------------- teachers
-class ToyTeacherEngine:
-    """The toy world's scripted teacher behind the engine interface: plays `teacher_turns` as token ids.
-
-    It recognises the conversation by its question text and counts the tool responses so far to know which
-    turn to play. Its flaws are drawn once per trajectory (deterministically from `seed`).
-    """
-
-    def __init__(self, tokenizer, questions: list[dict], *, premature_rate: float, wrong_search_rate: float,
-                 seed: int = 0):
-        from toy_world import teacher_turns
-        rng = random.Random(seed)
-        self.tokenizer = tokenizer
-        self.turns = {q["question"]: teacher_turns(q, rng, premature_rate, wrong_search_rate) for q in questions}
-
-    sampler_logprob = 0.0   # the log-prob reported for every played token (a script has no distribution)
-
-    def conversation_state(self, prompt_ids: list[int]) -> tuple[str, int]:
-        """(question, number of tool responses so far) of a ChatML conversation."""
-        text = self.tokenizer.decode(prompt_ids)
-        question = text.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
-        return question, text.split("<|im_start|>assistant", 1)[1].count("<tool_response>")
-
-    def turn_text(self, question: str, k: int) -> str:
-        """The assistant text of turn k, after the forced `<think>` prefix."""
-        return render_turn(self.turns[question][k])[len(THINK_PREFIX):]
-
-    def generate(self, prompt_ids_list, params) -> list[Completion]:
-        out = []
-        for ids in prompt_ids_list:
-            turn_ids = self.tokenizer(self.turn_text(*self.conversation_state(ids)),
-                                      add_special_tokens=False)["input_ids"][:params.max_new_tokens]
-            out.append(Completion(turn_ids, [self.sampler_logprob] * len(turn_ids), "stop",
-                                  self.tokenizer.decode(turn_ids)))
-        return out
-
-
 TEACHER_INSTRUCTIONS = (
     "Write your reasoning inside <think> as a few short atomic thoughts, each in its own tag, in this order: "
     "<OBSERVATION> what the question or the last results say </OBSERVATION>, <HYPOTHESIS_TESTING> a candidate "
@@ -113,10 +76,9 @@ class ChatTeacherEngine:
     def __init__(self, base_url: str, model: str, tokenizer, *, api_key_env: str = "OPENAI_API_KEY",
                  timeout: float = 120.0, temperature: float = 0.7, concurrency: int = 16, retries: int = 2,
                  backoff_s: float = 1.0):
-        self.url = base_url.rstrip("/").removesuffix("/chat/completions").removesuffix("/v1") + "/v1/chat/completions"
-        self.model, self.tokenizer, self.timeout, self.temperature = model, tokenizer, timeout, temperature
-        self.api_key_env, self.concurrency, self.retries, self.backoff_s = api_key_env, concurrency, retries, backoff_s
-        self.session = http_session(concurrency)
+        self.client = ChatClient(base_url, model, what="teacher", api_key_env=api_key_env, timeout=timeout,
+                                 retries=retries, backoff_s=backoff_s, pool_size=concurrency)
+        self.tokenizer, self.temperature = tokenizer, temperature
         self.stats = Counter()   # calls, errors
 
     def _messages(self, ids: list[int]) -> list[dict]:
@@ -131,27 +93,16 @@ class ChatTeacherEngine:
         return messages
 
     def _one(self, ids: list[int], params: SamplingParams) -> Completion:
-        payload = {"model": self.model, "messages": self._messages(ids), "temperature": self.temperature,
-                   "max_tokens": params.max_new_tokens, "stop": list(params.stop)}
-        key = os.environ.get(self.api_key_env)
         self.stats["calls"] += 1
         try:
-            reply = post_json(self.session, self.url, payload, what="teacher", timeout=self.timeout,
-                              retries=self.retries, backoff_s=self.backoff_s,
-                              headers={"Authorization": f"Bearer {key}"} if key else None)
-            choice = reply["choices"][0]
-            text = choice["message"]["content"]
-            if not isinstance(text, str):
-                raise TypeError
+            reply = self.client.chat(self._messages(ids), temperature=self.temperature,
+                                     max_tokens=params.max_new_tokens, stop=list(params.stop))
         except RemoteError as e:
             self.stats["errors"] += 1
             return Completion([], [], "error", "", error=str(e))
-        except (KeyError, IndexError, TypeError):
-            self.stats["errors"] += 1
-            return Completion([], [], "error", "", error="teacher: the reply is not a chat completion")
         # OpenAI-style servers drop the stop string from the text: put back the one this turn ended with
         # (vLLM names it in `stop_reason`; elsewhere the open tag tells).
-        stop = choice.get("stop_reason")
+        text, stop = reply.text, reply.stop_reason
         if isinstance(stop, str) and stop in params.stop and not text.rstrip().endswith(stop):
             text += stop
         elif "<tool_call>" in text and "</tool_call>" not in text:
@@ -161,16 +112,13 @@ class ChatTeacherEngine:
         text = text.removeprefix(THINK_PREFIX).removeprefix("<think>")
         turn_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         # a turn cut by the server's max_tokens, or longer than the policy may write, is too long (as the policy's)
-        too_long = choice.get("finish_reason") == "length" or len(turn_ids) > params.max_new_tokens
+        too_long = reply.finish_reason == "length" or len(turn_ids) > params.max_new_tokens
         turn_ids = turn_ids[:params.max_new_tokens]
         return Completion(turn_ids, [0.0] * len(turn_ids), "length" if too_long else "stop",
                           self.tokenizer.decode(turn_ids, skip_special_tokens=True))
 
     def generate(self, prompt_ids_list, params) -> list[Completion]:
-        if not prompt_ids_list:
-            return []
-        with ThreadPoolExecutor(min(self.concurrency, len(prompt_ids_list))) as pool:
-            return list(pool.map(lambda ids: self._one(ids, params), prompt_ids_list))
+        return self.client.map(lambda ids: self._one(ids, params), prompt_ids_list)
 
 
 # ----------------------------------------------------------------------------- the filter
@@ -316,7 +264,7 @@ class TeacherDataFile:
 
 # ----------------------------------------------------------------------------- the command
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sft.py make-data", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="SFT jsonl to write or continue (rejects and stats beside it)")
     # the real run's teacher and environment
@@ -383,32 +331,11 @@ def real_setup(args) -> dict:
                 max_context=max_context, min_f1=0.5 if args.min_f1 is None else args.min_f1)
 
 
-def toy_setup(args) -> dict:
-    """The toy world's scripted teacher on its train split, with the demo's flaws and limits."""
-    import toy_world as tw
-    from atomic_thought import system_prompt
-    from retrievers import BM25Retriever
-    from search_env import Tools
-    world = tw.build_world(args.world_seed)
-    tokenizer = tw.build_tokenizer(world)
-    corpus = Path(args.out).resolve().parent / f"toy-corpus-{world.key()}.jsonl"
-    corpus.parent.mkdir(parents=True, exist_ok=True)
-    tw.write_jsonl(world.corpus, corpus)
-    questions = world.splits["train"][:args.n or tw.SFT_QUESTIONS]
-    flaws = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in tw.TEACHER_FLAWS.items()}
-    teacher = ToyTeacherEngine(tokenizer, questions, **flaws, seed=args.world_seed)
-    return dict(teacher=teacher, tokenizer=tokenizer, tools=Tools(BM25Retriever(corpus), topk=tw.TOPK,
-                                                                 tokenizer=tokenizer),
-                tool_names=tw.TOOLS, questions=questions, **tw.LIMITS,
-                system=system_prompt(tw.TOOLS) if args.real_prompt else tw.SYSTEM,
-                min_f1=0.0 if args.min_f1 is None else args.min_f1)
-
-
 def main(argv: list[str] | None = None) -> dict:
-    """`python sft.py make-data ...`: write (or continue) OUT; returns the counts of OUT."""
+    """`python teacher_data.py ...`: write (or continue) OUT; returns the counts of OUT."""
     from tqdm import tqdm
     args = parse_args(argv)
-    env = toy_setup(args) if args.toy else real_setup(args)
+    env = toy_teacher_setup(args) if args.toy else real_setup(args)
     settings = {"teacher": "toy" if args.toy else args.teacher_model, "temperature": args.temperature,
                 "system": env["system"], "topk": env["tools"].topk, "min_f1": env["min_f1"],
                 **{k: env[k] for k in ("max_turns", "max_new_tokens", "max_context")}}
@@ -437,3 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"warning: {counts['teacher_error']} questions failed at the teacher; run the same command again to "
               "retry them", file=sys.stderr)
     return counts
+
+
+if __name__ == "__main__":
+    main()

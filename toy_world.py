@@ -1,12 +1,14 @@
 """The toy research world: the embedded default that lets the whole pipeline run on a laptop CPU.
 
 A seeded synthetic knowledge base of fictional people, cities, countries and companies, rendered as a
-FlashRAG-format passage corpus, with questions an agent can only answer by searching it, a byte-level BPE
-tokenizer trained on the world's text, and a ~0.5M-parameter Qwen2 model (the same code path as
-Qwen2.5-7B). Nothing here exists in the paper: it is our stand-in for Wikipedia + NQ/HotpotQA so that
-`python train.py` shows SFT -> GRPO learning in minutes (PAPER.md, DESIGN.md "toy_world.py").
+FlashRAG-format passage corpus, with questions an agent can only answer by searching it, its scripted teacher, its
+rule judge, its defaults (episode limits, topk, system prompt, the teacher's flaws), and a byte-level BPE tokenizer
+trained on its text for toy_model.py's ~0.5M-parameter Qwen2 (the same code path as Qwen2.5-7B). Nothing here exists
+in the paper: it is our stand-in for Wikipedia + NQ/HotpotQA, an LLM teacher and an LLM judge, so that
+`python train.py` shows SFT -> GRPO learning in minutes (METHOD.md §10). No module of the method imports it: the
+embedded default is wired in by train.py, evaluate.py and run_setup.py.
 
-Design, following the two prototypes in shared/notes/toy_world_feasibility.md:
+Design:
 1. What the agent must copy is made of tokens it has seen. A person's name is three syllables written as
    three capitalised words ("Ka Lo Mi"), each syllable one token of the tokenizer (checked at build
    time), so spelling an unseen name into a query is copying three known tokens. Answer-side entities
@@ -24,15 +26,20 @@ Design, following the two prototypes in shared/notes/toy_world_feasibility.md:
    share all three, in any order), extra people who are never asked about, and "travel" passages that put a
    person's name next to a city that is not their birth city.
 
-The scripted teacher (`teacher_turns`) writes gold trajectories in the atomic-thought format (PAPER.md §2)
+The scripted teacher (`teacher_turns`) writes gold trajectories in the atomic-thought format (METHOD.md §2)
 and is imperfect on purpose (`premature_rate`: answer before the last hop; `wrong_search_rate`: search
-the wrong name first), so RL has something to improve. sft.py runs it through the real environment.
+the wrong name first), so RL has something to improve. `ToyTeacherEngine` plays it behind the engine interface,
+so teacher_data.py runs it through the real environment as it runs an LLM teacher.
 Two choices make its text learnable by a tiny model in minutes (LOG.md): every name it copies follows a
 space, so it is the same token everywhere (queries are "mentor of Ka Lo Mi", not "Ka Lo Mi", whose first
 syllable after a quote would be a different token); and its observations quote the retrieved sentence
 ("Ka Lo Mi was born in Savora.") rather than rephrase it, so reading a value is copying it. And the text is
 short, because the demo's time is proportional to its tokens: one result per search, a one-line system prompt,
 and the tool call's fixed JSON start as one token (`TOOL_CALL_PREFIX`).
+
+The judge (`oracle_atom_scores`, behind rrm_reward's interface as `ToyOracleRRM`) scores each atomic thought by
+rule against the question's gold chain. It knows what an LLM judge would not (the chain, hence the golden answer):
+read the toy's blend-vs-outcome comparisons with that in mind.
 
 What this world does not model: paraphrase, ambiguity, noisy or contradictory sources, long documents.
 
@@ -50,7 +57,11 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from atomic_thought import Atom, ToolCall, Turn, make_turn, render_messages, render_turn
+from atomic_thought import CANONICAL_TAGS, THINK_PREFIX, Atom, ToolCall, Turn, make_turn, render_messages, render_turn
+from engine import Completion
+from qa_data import write_jsonl
+from rrm_reward import ATR, RRM
+from toy_model import build_tiny_model, cached_tokenizer
 
 SYLLABLES = ("Ba Da Fe Gi Ka Lu Mo Ni Pa Ri Sa Tu Ve Zo Bi Du Fo Ga Ke Li "
              "Ma Nu Pe Ro Si Te Vu Za Bo De Fi Gu Ko Le Mi Ne Po Ru Se Ti").split()
@@ -61,27 +72,8 @@ COMPANIES = ("Zentrix Quorra Helvix Atrano Bexley Cindral Dovanta Elmcrest "
              "Fyrlo Gantrel Holtway Ixora Jubran Kelvane Lumora Mordane").split()
 QUESTION_TYPES = ("city", "founder", "mentor_city")
 SPLITS = ("train", "dev", "test")
-# Chat-format tokens: special (skipped by decode(skip_special_tokens=True)); end of turn doubles as EOS.
-CHAT_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-# The grammar's tags as single, non-special tokens (they must survive decoding: parse_turn reads them).
-ATOM_TAGS = ("OBSERVATION", "HYPOTHESIS_TESTING", "RISK_ANALYSIS", "ACTION")
-FORMAT_TOKENS = tuple(f"<{c}{t}>" for t in ("think", "tool_call", "tool_response", "answer") + ATOM_TAGS
-                      for c in ("", "/"))
-# The same tags with the whitespace the renderers put next to them (atomic_thought.render_think / render_turn,
-# the chat template), also one token each: a real BPE merges such whitespace, but added tokens cut it off into
-# tokens of their own (" " and "\n" were a fifth of every sampled turn). Matching is leftmost-longest, so
-# " </ACTION>\n" wins over "</ACTION>". None has text after a stop string, so a stop still ends on a token.
-LAYOUT_TOKENS = (("<think>\n", "</think>\n", "<tool_call>\n", "\n</tool_call>", "<tool_response>\n",
-                  "\n</tool_response>", " </answer>") + tuple(f" </{t}>\n" for t in ATOM_TAGS))
-# A Qwen2.5-style chat template (system/user/assistant, tool results as a user turn in <tool_response>).
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'tool' -%}"
-    "{{- '<|im_start|>user\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|im_end|>\\n' -}}"
-    "{%- else -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
-    "{%- endif -%}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+# The roles of the four canonical atomic thoughts, as the toy teacher writes them and its judge scores them.
+OBSERVATION, HYPOTHESIS, RISK, ACTION = CANONICAL_TAGS
 TOOLS = ("web_search",)  # the toy world offers search only: its passages have no web addresses to browse
 # The toy system prompt (our choice): a tiny model cannot read JSON schemas, and the paper's prompt says nothing
 # about atoms either (the format comes from SFT). Short, because every prompt token is paid for in every rollout.
@@ -90,9 +82,6 @@ TOOLS = ("web_search",)  # the toy world offers search only: its passages have n
 # of three had not learnt to read by SFT step 600; with "within", five of five had (LOG.md 2026-11-26, third).
 SYSTEM = ("Search, then answer: reason within <think>, then call web_search within <tool_call> "
           "or answer within <answer>.")
-# The fixed start of every tool call's JSON (atomic_thought.render_turn), one token of the toy tokenizer: the
-# byte-level pre-tokenizer would split it into ~15 tokens that every turn would pay for in training and sampling.
-TOOL_CALL_PREFIX = '{"name": "web_search", "arguments": {"query": "'
 # Results per search (our choice). With one, the tiny model learnt to read values out of tool responses after
 # 300-500 whole-trajectory SFT steps on three seeds; with two, after 400-800 on two (LOG.md 2026-11-26).
 TOPK = 1
@@ -228,7 +217,7 @@ def search_query(entity: str, relation: str) -> str:
     return f"{relation} of {entity}"
 
 
-# The teacher's flaws for the demo's SFT data (train.py, `sft.py make-data`). Premature answers at 0.7 make greedy
+# The teacher's flaws for the demo's SFT data (train.py, `teacher_data.py`). Premature answers at 0.7 make greedy
 # decoding after SFT stop after one hop on every seed (at 0.6 the founder type came out of SFT anywhere from 0 to 92
 # F1), while sampling at T = 0.7 still goes on to the second hop often enough for GRPO to find it (at 0.8 one of two
 # seeds sampled it in ~5% of 2-hop episodes and GRPO learnt nothing). LOG.md 2026-11-26 (second session).
@@ -253,8 +242,8 @@ def teacher_turns(question: dict, rng: random.Random, premature_rate: float = 0.
     turns = []
 
     def search_turn(observation: str, hypothesis: str, risk: str, entity: str, relation: str) -> Turn:
-        return make_turn([Atom("OBSERVATION", observation), Atom("HYPOTHESIS_TESTING", hypothesis),
-                          Atom("RISK_ANALYSIS", risk), Atom("ACTION", f"Search {entity}.")],
+        return make_turn([Atom(OBSERVATION, observation), Atom(HYPOTHESIS, hypothesis),
+                          Atom(RISK, risk), Atom(ACTION, f"Search {entity}.")],
                          tool_call=ToolCall("web_search", {"query": search_query(entity, relation)}))
 
     if rng.random() < wrong_search_rate:
@@ -277,21 +266,57 @@ def teacher_turns(question: dict, rng: random.Random, premature_rate: float = 0.
             trap = meta["trap"]
             if meta["type"] == "mentor_city":
                 observation = fact("birth city", subject, trap)
-            turns.append(make_turn([Atom("OBSERVATION", observation),
-                                    Atom("HYPOTHESIS_TESTING", f"The answer is {trap}."),
-                                    Atom("RISK_ANALYSIS", "Not checked further."),
-                                    Atom("ACTION", f"Answer {trap}.")], answer=trap))
+            turns.append(make_turn([Atom(OBSERVATION, observation),
+                                    Atom(HYPOTHESIS, f"The answer is {trap}."),
+                                    Atom(RISK, "Not checked further."),
+                                    Atom(ACTION, f"Answer {trap}.")], answer=trap))
             return turns
         if i == len(hops) - 1:
-            turns.append(make_turn([Atom("OBSERVATION", observation),
-                                    Atom("HYPOTHESIS_TESTING", f"The answer is {hop['value']}."),
-                                    Atom("RISK_ANALYSIS", f"The evidence names {hop['search']}."),
-                                    Atom("ACTION", f"Answer {hop['value']}.")], answer=hop["value"]))
+            turns.append(make_turn([Atom(OBSERVATION, observation),
+                                    Atom(HYPOTHESIS, f"The answer is {hop['value']}."),
+                                    Atom(RISK, f"The evidence names {hop['search']}."),
+                                    Atom(ACTION, f"Answer {hop['value']}.")], answer=hop["value"]))
         else:
             nxt = hops[i + 1]
             turns.append(search_turn(observation, f"I need the {nxt['relation']} of {nxt['search']}.",
                                      f"{hop['value']} must be exact.", nxt["search"], nxt["relation"]))
     return turns
+
+
+class ToyTeacherEngine:
+    """The scripted teacher behind the engine interface (engine.py): plays `teacher_turns` as token ids, so that
+    teacher_data.make_teacher_data runs it through the real environment exactly as it runs an LLM teacher.
+
+    It recognises the conversation by its question text and counts the tool responses so far to know which
+    turn to play. Its flaws are drawn once per trajectory (deterministically from `seed`).
+    """
+
+    def __init__(self, tokenizer, questions: list[dict], *, premature_rate: float, wrong_search_rate: float,
+                 seed: int = 0):
+        rng = random.Random(seed)
+        self.tokenizer = tokenizer
+        self.turns = {q["question"]: teacher_turns(q, rng, premature_rate, wrong_search_rate) for q in questions}
+
+    sampler_logprob = 0.0   # the log-prob reported for every played token (a script has no distribution)
+
+    def conversation_state(self, prompt_ids: list[int]) -> tuple[str, int]:
+        """(question, number of tool responses so far) of a ChatML conversation."""
+        text = self.tokenizer.decode(prompt_ids)
+        question = text.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
+        return question, text.split("<|im_start|>assistant", 1)[1].count("<tool_response>")
+
+    def turn_text(self, question: str, k: int) -> str:
+        """The assistant text of turn k, after the forced `<think>` prefix."""
+        return render_turn(self.turns[question][k])[len(THINK_PREFIX):]
+
+    def generate(self, prompt_ids_list, params) -> list[Completion]:
+        out = []
+        for ids in prompt_ids_list:
+            turn_ids = self.tokenizer(self.turn_text(*self.conversation_state(ids)),
+                                      add_special_tokens=False)["input_ids"][:params.max_new_tokens]
+            out.append(Completion(turn_ids, [self.sampler_logprob] * len(turn_ids), "stop",
+                                  self.tokenizer.decode(turn_ids)))
+        return out
 
 
 # ----------------------------------------------------------------------------- the oracle judge
@@ -329,20 +354,20 @@ def oracle_atom_scores(turns: list[Turn], tool_responses: list[str], metadata: d
         focus = hops[n_done - 1]["value"] if n_done else subject
         relevant = [subject] + [h["value"] for h in hops[:n_done]]
         for atom in turn.atoms:
-            if atom.tag == "OBSERVATION":
+            if atom.tag == OBSERVATION:
                 score = 10 if _names(atom.text, focus) else 5 if any(_names(atom.text, e) for e in relevant) else 0
                 reason = f"observes {focus}" if score == 10 else f"does not name {focus}"
-            elif atom.tag == "HYPOTHESIS_TESTING":
+            elif atom.tag == HYPOTHESIS:
                 score = 10 if _names(atom.text, focus) else 0
                 reason = f"holds {focus}" if score else f"misses {focus}"
-            elif atom.tag == "ACTION":
+            elif atom.tag == ACTION:
                 if n_done == len(hops):
                     target, ok = hops[-1]["value"], turn.answer is not None and _names(atom.text, hops[-1]["value"])
                 else:
                     target = hops[n_done]["search"]
                     ok = turn.tool_call is not None and _names(atom.text, target)
                 score, reason = (10, f"acts on {target}") if ok else (0, f"should act on {target}")
-            elif atom.tag == "RISK_ANALYSIS":
+            elif atom.tag == RISK:
                 score, reason = 5, "neutral: not judged by the oracle"
             else:
                 score, reason = 0, f"unknown tag {atom.tag}"
@@ -350,24 +375,36 @@ def oracle_atom_scores(turns: list[Turn], tool_responses: list[str], metadata: d
     return scored
 
 
+class ToyOracleRRM(RRM):
+    """The LLM judge's stand-in for the toy world (CPU demo, ablations): `oracle_atom_scores` behind rrm_reward's
+    interface (ATR = aggregate of the scores / 10, well-formed trajectories only, counted in `stats`).
+
+    Not an LLM and not the paper's RRM: it checks each atom against the question's gold chain in
+    `trajectory.metadata` (right entity observed, bridge entity held once it has been retrieved, action on the next
+    needed hop, and an answering ACTION that names the chain's final value). An LLM judge sees neither the chain nor
+    the golden answer, so this judge knows more than the paper's (METHOD.md §10).
+    """
+
+    def _judge(self, trajectories: list) -> list[ATR]:
+        out = []
+        for t in trajectories:
+            scored = oracle_atom_scores(t.turns, t.tool_responses, t.metadata)
+            self.stats["calls"] += 1
+            out.append(self._atr(t, [s for s, _ in scored], [r for _, r in scored]))
+        return out
+
+
 def render_teacher_text(question: dict, turns: list[Turn]) -> str:
     """Plain text of a teacher trajectory (tool responses left out): tokenizer training text and samples."""
     return "\n".join([SYSTEM, question["question"]] + [render_turn(t) for t in turns])
 
 
-# ----------------------------------------------------------------------------- tokenizer and tiny model
+# ----------------------------------------------------------------------------- its tokenizer, model and files
 def build_tokenizer(world: World, vocab_size: int = 1024, cache_dir: str | os.PathLike | None = None):
-    """A byte-level BPE tokenizer trained on the world's text, as a transformers tokenizer with a chat template.
-
-    `train_tokenizer` does the training; every name syllable must come out as one token with and without a
-    leading space (the copy-ability requirement above), which is checked here, not assumed. Cached under
-    `cache_dir` (default data/toy-<world key>/tokenizer-<vocab_size>) and loaded from there on the next call.
-    """
-    from transformers import AutoTokenizer
-
-    path = Path(cache_dir or DEFAULT_DATA_DIR / f"toy-{world.key()}") / f"tokenizer-{vocab_size}"
-    if (path / "tokenizer.json").exists():
-        return AutoTokenizer.from_pretrained(path)
+    """A byte-level BPE tokenizer trained on the world's text (toy_model.cached_tokenizer), as a transformers
+    tokenizer with a chat template. Every name syllable must come out as one token with and without a leading space
+    (the copy-ability requirement above), which is checked, not assumed. Cached under `cache_dir` (default
+    data/toy-<world key>/tokenizer-<vocab_size>) and loaded from there on the next call."""
     rng = random.Random(world.seed)
     texts = [d["contents"] for d in world.corpus]
     for split in SPLITS:
@@ -376,70 +413,8 @@ def build_tokenizer(world: World, vocab_size: int = 1024, cache_dir: str | os.Pa
         texts.append(render_teacher_text(q, teacher_turns(q, rng, premature_rate=0.5, wrong_search_rate=0.3)))
     # Every syllable, alone and after a space, often enough to be merged whatever the world's size.
     texts += ["\n".join(SYLLABLES) + "\n" + " ".join(SYLLABLES)] * 50
-    tokenizer = train_tokenizer(texts, vocab_size)
-    split_names = [s for s in SYLLABLES for form in (s, " " + s) if len(tokenizer(form)["input_ids"]) != 1]
-    if split_names:
-        raise RuntimeError(f"vocab_size={vocab_size} too small: name syllables {split_names[:5]} are not one "
-                           "token each; raise vocab_size")
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, path) if not path.exists() else None   # atomic: a concurrent builder may have won
-    return AutoTokenizer.from_pretrained(path)
-
-
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE trained on `texts` -> a transformers tokenizer with the ChatML `CHAT_TEMPLATE`.
-
-    The grammar's tags (bare and with their whitespace, `LAYOUT_TOKENS`) and `TOOL_CALL_PREFIX` are added as single
-    non-special tokens, so the model emits each in one step and decoding keeps it; the chat tokens are special.
-    Used for the toy world's tokenizer and, on real text, for the tiny models of the real-run tests.
-    """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    texts = list(texts) + ["system\nuser\nassistant\n"] * 50    # the chat template's role names: one token each
-    added = sorted(FORMAT_TOKENS + LAYOUT_TOKENS + (TOOL_CALL_PREFIX,), key=len, reverse=True)
-    for tag in added:      # added tokens below: keep them out of the merges. The text after an added token is
-        texts = [t.replace(tag, "\n") for t in texts]   # pre-tokenized on its own, like the text after a newline
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(added), special_tokens=list(CHAT_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        additional_special_tokens=["<|im_start|>"])
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def build_tiny_model(tokenizer, *, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4,
-                     num_kv_heads: int = 2, intermediate_size: int = 384, max_positions: int = 2048, seed: int = 0):
-    """A randomly initialised `Qwen2ForCausalLM` of ~0.5M parameters (Qwen2.5-7B's architecture, tiny).
-
-    Grouped-query attention (4 query heads sharing 2 KV heads) and tied embeddings as in small Qwen2.5s.
-    Two layers, the fewest that can copy from context (a previous-token head feeding an induction head);
-    four learnt no faster in the demo's SFT (LOG.md) and cost twice as much per step.
-    """
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
-                         num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                         num_key_value_heads=num_kv_heads, max_position_embeddings=max_positions,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model
-
-
-def write_jsonl(rows: list[dict], path: str | os.PathLike) -> None:
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    path = Path(cache_dir or DEFAULT_DATA_DIR / f"toy-{world.key()}") / f"tokenizer-{vocab_size}"
+    return cached_tokenizer(path, texts, vocab_size, one_token=[f for s in SYLLABLES for f in (s, " " + s)])
 
 
 def write_world(world: World, out_dir: str | os.PathLike, vocab_size: int = 1024) -> Path:

@@ -1,22 +1,22 @@
 """Benchmark of the GRPO update: time against a plain cross-entropy step, and log-prob peak memory.
 
-Two measures from DESIGN.md's performance targets, printed as markdown tables:
+Two measures from METHOD.md §9's performance targets, printed as markdown tables:
 
-1. Speed: one GRPO update (grpo.token_logprobs forward + grpo.grpo_loss + backward) against a plain
+1. Speed: one GRPO update (logprobs.token_logprobs forward + grpo.grpo_loss + backward) against a plain
    cross-entropy step (model forward + F.cross_entropy on the same next tokens + backward), same model and
    tokens. Target: GRPO ≤ 1.15 × CE. The model is a small-but-not-trivial Qwen2 in fp32 on CPU (bf16
    matmuls are slow on most CPUs). token_logprobs recomputes the logits in its backward, one lm_head matmul
    more than CE does, and skips the rows with no gradient: it runs once with a realistic loss mask (prompt
    and tool tokens masked, as train.py trains) and once with every token trained (nothing to skip), so the
    second row shows the price of the recomputation. Two more rows run the previous method (full logits, then
-   a chunked fp32 log-softmax with a hand-written backward) and training_design.md §3.7's
+   a chunked fp32 log-softmax with a hand-written backward) and METHOD.md §8.3's
    torch.utils.checkpoint sketch.
 2. Memory: peak memory of hidden states → lm_head → log-probs → backward (`logp.sum().backward()`) at
    Qwen2.5-7B's hidden size H = 3584 and vocab V = 152,064, B = 1. A stand-in "model" holds only that last
    step: given hidden states (B, T, H) that require grad, and an lm_head weight. Each method runs in its own
    subprocess and reports the growth of its peak RSS (VmHWM, reset once the weight and hidden states exist),
    so the numbers include the logits where a method makes them, every gradient (lm_head's weight gradient,
-   V·H, is in all rows) and every temporary. For grpo.token_logprobs the table also gives its memory
+   V·H, is in all rows) and every temporary. For logprobs.token_logprobs the table also gives its memory
    formula (`formula_bytes`), and the run ends with that formula at T = 32k in bf16: computed, not measured.
 
 The bench machine is a 2-core AVX2 CPU (AMD EPYC, no AVX512-BF16/AMX) with 24 GiB. There PyTorch's bf16
@@ -25,7 +25,7 @@ hidden-state gradient (grad_logits · W), so one bf16 backward at V = 152k, H = 
 at T = 16. The memory half therefore runs in fp32 by default (`--mem-dtype bfloat16` where bf16 matmuls are
 fast), at T = 512, where lm_head's weight gradient (2 GiB in fp32) outweighs everything that grows with T;
 `--frozen-head` leaves that gradient out to compare the rest. The formula is the same in both dtypes (4- or
-2-byte weights). One bf16 run of grpo.token_logprobs alone at T = 16 (`--mem-dtype bfloat16 --mem-tokens 16
+2-byte weights). One bf16 run of logprobs.token_logprobs alone at T = 16 (`--mem-dtype bfloat16 --mem-tokens 16
 --mem-chunk 1 --mem-methods new`, 80 s) measured 1.16 GiB against the formula's 1.02: the difference is the
 fp32 scratch that PyTorch's CPU bf16 matmul allocates for its output (0.14 GiB for one grad_W slice), which
 cuBLAS does not.
@@ -49,13 +49,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's flat modules
-from grpo import grpo_loss, token_logprobs  # noqa: E402
+from grpo import grpo_loss# noqa: E402
+from logprobs import token_logprobs# noqa: E402
 
 
 # ----------------------------------------------------------------------------- the methods compared
 
 class ChunkedLogSoftmaxGather(torch.autograd.Function):
-    """The previous grpo.token_logprobs, kept as a comparison point: logp[n] = log softmax(z[n] / T)[y[n]]
+    """The previous logprobs.token_logprobs, kept as a comparison point: logp[n] = log softmax(z[n] / T)[y[n]]
     over rows of the full logits z (N, V), fp32 `chunk` rows at a time, and a backward that writes
     (onehot(y) − softmax(z / T)) · g / T into one (N, V) gradient in the logits' dtype."""
 
@@ -96,7 +97,7 @@ def previous_logprobs(model, input_ids, temperature=1.0, chunk=512):
 
 
 def checkpoint_logprobs(model, input_ids, temperature=1.0, chunk=512):
-    """The training_design.md §3.7 sketch: fp32 log-softmax-gather per T chunk under torch.utils.checkpoint."""
+    """The METHOD.md §8.3 sketch: fp32 log-softmax-gather per T chunk under torch.utils.checkpoint."""
     logits = model(input_ids=input_ids, use_cache=False).logits       # (B, T, V)
 
     def chunk_logp(x, y):                                              # fp32 only inside the chunk
@@ -175,7 +176,7 @@ def bench_speed(args) -> None:
 
 METHODS = {"new": token_logprobs, "previous": previous_logprobs, "checkpoint": checkpoint_logprobs,
            "naive": naive_logprobs}
-NAMES = {"new": "grpo.token_logprobs (hidden states → log-probs, vocab-sliced backward)",
+NAMES = {"new": "logprobs.token_logprobs (hidden states → log-probs, vocab-sliced backward)",
          "previous": "previous: full logits + chunked fp32 log-softmax", "checkpoint": "checkpoint sketch (§3.7)",
          "naive": "naive: full logits + fp32 log_softmax + gather"}
 
@@ -209,7 +210,7 @@ def rss_kib(field: str) -> int:
 
 def formula_bytes(tokens: int, vocab: int, hidden: int, chunk: int, dtype_bytes: int, stat_bytes: int = 4,
                   weight_grad: bool = True) -> int:
-    """grpo.token_logprobs' backward peak by its memory formula, B = 1, every row but the last with a gradient,
+    """logprobs.token_logprobs' backward peak by its memory formula, B = 1, every row but the last with a gradient,
     not counting the hidden states themselves (the model holds them for its own backward anyway):
         grad_W (V·H) + grad_h fp32 and the rows' hidden copy (n·H) + max(one vocab-slice block with the
         (n, H) product, the (N, H) output with its cast),
@@ -272,11 +273,11 @@ def bench_memory(args) -> None:
         formula = f"{predicted / gib:.2f}" if row["method"] == "new" else ""
         print(f"| {NAMES[row['method']]} | {row['peak_bytes'] / gib:.2f} | {formula} | "
               f"{row['peak_bytes'] / logits_bytes:.2f} | {row['peak_bytes'] / bf16_logits:.2f} | {row['seconds']:.0f} |")
-    # The DESIGN.md target, from the same formula in bf16 at T = 32k with token_logprobs' default chunk 512.
+    # The METHOD.md §9 target, from the same formula in bf16 at T = 32k with token_logprobs' default chunk 512.
     T32 = 32_768
     at_32k = formula_bytes(T32, V, H, 512, 2)
     hidden_states = T32 * H * 2
-    print(f"\nComputed, not measured: grpo.token_logprobs at T = {T32}, bf16, chunk 512 needs "
+    print(f"\nComputed, not measured: logprobs.token_logprobs at T = {T32}, bf16, chunk 512 needs "
           f"{at_32k / gib:.2f} GiB by the formula above = {at_32k / (T32 * V * 2):.3f}× the bf16 logits "
           f"({T32 * V * 2 / gib:.2f} GiB); counting the hidden states too, {(at_32k + hidden_states) / gib:.2f} GiB "
           f"= {(at_32k + hidden_states) / (T32 * V * 2):.3f}× (target ≤ 0.3×).")

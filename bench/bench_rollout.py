@@ -1,4 +1,4 @@
-"""Rollout wall time split into time inside `engine.generate` and everything else (DESIGN.md target: else ≤ 10%).
+"""Rollout wall time split into time inside `engine.generate` and everything else (METHOD.md §9 target: else ≤ 10%).
 
 The rollout loop (search_env.rollout) should be bound by generation: parsing turns, running the tools, tokenizing
 the template glue and the bookkeeping of ids / masks / log-probs must stay small next to it. This script measures
@@ -46,7 +46,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's flat modules
 
 # Nothing here may import bm25s at module level: the vLLM child builds its engine first (retrievers._bm25s).
+import toy_model
 import toy_world as tw  # noqa: E402
+from qa_data import write_jsonl  # noqa: E402
 from engine import SamplingParams  # noqa: E402
 
 
@@ -66,13 +68,14 @@ def prepare(args) -> tuple[Path, Path]:
         print(f"using cached SFT model {model_dir}")
         return model_dir, corpus
     from retrievers import BM25Retriever                        # imports bm25s (lazily, on first search)
-    from search_env import Tools
+    from tools import Tools
     from sft import train_sft, training_example
-    from teacher_data import ToyTeacherEngine, make_teacher_data
+    from toy_world import ToyTeacherEngine
+    from teacher_data import make_teacher_data
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     tokenizer = tw.build_tokenizer(world, cache_dir=root)
-    tw.write_jsonl(world.corpus, corpus)
+    write_jsonl(world.corpus, corpus)
     tools = Tools(BM25Retriever(corpus), topk=tw.TOPK, tokenizer=tokenizer)
     questions = world.splits["train"][:args.sft_questions]
     teacher = ToyTeacherEngine(tokenizer, questions, premature_rate=0.0, wrong_search_rate=0.1, seed=args.world_seed)
@@ -80,7 +83,7 @@ def prepare(args) -> tuple[Path, Path]:
                                      system=tw.SYSTEM, tool_names=tw.TOOLS)
     examples = [training_example(tokenizer, row["messages"]) for row in rows]
     torch.manual_seed(args.world_seed)
-    model = tw.build_tiny_model(tokenizer, seed=args.world_seed)
+    model = toy_model.build_tiny_model(tokenizer, seed=args.world_seed)
     losses = train_sft(model, examples, pad_id=tokenizer.pad_token_id, steps=args.sft_steps, batch_size=8,
                        lr=3e-3, log=None, seed=args.world_seed)
     tmp = root / f"model.tmp{os.getpid()}"
@@ -184,7 +187,8 @@ def measure(args) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         engine = HFEngine(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), tokenizer)
     from retrievers import BM25Retriever
-    from search_env import Tools, rollout
+    from tools import Tools
+    from search_env import rollout
     world = tw.build_world(args.world_seed)
     tools = Tools(BM25Retriever(corpus), topk=tw.TOPK, tokenizer=tokenizer)
     questions = world.splits["dev"][:args.questions]

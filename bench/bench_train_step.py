@@ -1,7 +1,7 @@
 """Training throughput of train.py's GRPO update on one device: tokens/s, MFU and peak memory.
 
 A randomly initialised model of Qwen2.5-0.5B's shape (24 layers, hidden 896, 14 query / 2 KV heads, MLP 4,864,
-vocabulary 151,936, tied embeddings; nothing is downloaded) takes `train.grpo_update` steps, the very function
+vocabulary 151,936, tied embeddings; nothing is downloaded) takes `grpo.grpo_update` steps, the very function
 the training loop calls, on synthetic trajectories: a 256-token prompt, then a response in which the first
 40% of tokens are a "tool response" (mask 0) and the rest were "sampled" (mask 1). The mask does not change the
 compute (every position is forwarded and back-propagated) but it is what the loss trains on.
@@ -29,7 +29,6 @@ import random
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's flat modules
 
@@ -93,7 +92,7 @@ def main(argv=None) -> dict:
             os.environ.setdefault(key, value)
     from transformers import Qwen2Config, Qwen2ForCausalLM
     from distributed import Dist, prepare_model
-    from train import grpo_update
+    from grpo import grpo_update, training_rows
 
     d = Dist()
     config = Qwen2Config(**(TINY if args.tiny else QWEN25_05B))
@@ -101,14 +100,14 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     model = prepare_model(Qwen2ForCausalLM(config), d)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
-    train_args = SimpleNamespace(no_loss_mask=False, micro_batch_tokens=args.micro_batch_tokens, temperature=1.0,
-                                 kl_beta=0.0)
     rng = random.Random(0)
     trajs = synthetic_trajectories(args.batch, args.seq, args.prompt, config.vocab_size, rng)
-    advantages = torch.tensor([rng.gauss(0.0, 1.0) for _ in trajs])
+    rows = training_rows(trajs, [rng.gauss(0.0, 1.0) for _ in trajs])
+    n_tokens = d.sum(sum(sum(r.mask) for r in rows))
 
     def step() -> dict:
-        out = grpo_update(model, optimizer, trajs, advantages, train_args, d, pad_id=0)
+        out = grpo_update(model, optimizer, rows, n_tokens=n_tokens, pad_id=0, micro_batch_tokens=args.micro_batch_tokens,
+                          temperature=1.0, loss_scale=d.world if d.fsdp else 1, max_count=d.max)
         if cuda:
             torch.cuda.synchronize()
         return out

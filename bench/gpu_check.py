@@ -3,12 +3,12 @@
 What it runs (bench/gpu_check.sh calls the steps in order; no internet, no vLLM, ~8 minutes on one H100/H200):
 1. `prepare`: a randomly initialised model of Qwen2.5-0.5B's shape (bench_train_step.QWEN25_05B) with the toy
    world's tokenizer, the toy world's questions and corpus as a real run's files, and SFT rows from the toy
-   teacher under the real run's system prompt (`sft.py make-data --toy --real-prompt`). A random model samples
+   teacher under the real run's system prompt (`teacher_data.py --toy --real-prompt`). A random model samples
    ids outside the toy tokenizer's vocabulary, so every episode is one malformed turn: the GRPO steps run with
    --keep-zero-adv, to time the update anyway.
 2. `torchrun --nproc_per_node=1 train.py --model ...`: FSDP2 with bf16 compute, SFT steps, GRPO steps with the HF
    engine and a KL reference, a DCP checkpoint each step, stopped after 2 steps; then `--resume` for 2 more.
-3. `logprobs`: the peak GPU memory of grpo.token_logprobs + backward at T = 32k, V = 152k, H = 3,584 (Qwen2.5-7B's
+3. `logprobs`: the peak GPU memory of logprobs.token_logprobs + backward at T = 32k, V = 152k, H = 3,584 (Qwen2.5-7B's
    head), over the bf16 logits' size (the target: <= 0.3).
 4. `bench/bench_train_step.py`: the GRPO update alone at 16 x 2,048 tokens, tokens/s and MFU (6N + 12LdT).
 5. `report`: one JSON of the numbers per phase (the README's table takes them, with the card named).
@@ -33,11 +33,12 @@ def prepare(out: Path, smoke: bool) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
     import teacher_data
     import toy_world as tw
+    from qa_data import write_jsonl
     from bench_train_step import QWEN25_05B, TINY
     out.mkdir(parents=True, exist_ok=True)
     world = tw.build_world(0)
-    tw.write_jsonl(world.splits["train"], out / "train.jsonl")
-    tw.write_jsonl(world.corpus, out / "corpus.jsonl")
+    write_jsonl(world.splits["train"], out / "train.jsonl")
+    write_jsonl(world.corpus, out / "corpus.jsonl")
     tokenizer = tw.build_tokenizer(world)
     shape = dict(TINY, vocab_size=len(tokenizer)) if smoke else QWEN25_05B
     torch.manual_seed(0)
@@ -49,7 +50,7 @@ def prepare(out: Path, smoke: bool) -> None:
 
 class HeadOnly(torch.nn.Module):
     """A stand-in for a causal LM whose last hidden states are given: its forward is only the lm_head, which is what
-    grpo.token_logprobs replaces by its chunked log-probs (so no (T, V) logits exist)."""
+    logprobs.token_logprobs replaces by its chunked log-probs (so no (T, V) logits exist)."""
 
     def __init__(self, hidden: torch.Tensor, vocab: int):
         super().__init__()
@@ -67,7 +68,7 @@ class HeadOnly(torch.nn.Module):
 def logprobs_peak(tokens: int, vocab: int, hidden_size: int) -> dict:
     """Peak memory of token_logprobs + backward over what was allocated before (hidden states and head weights),
     and its ratio to the bf16 logits' size (tokens x vocab x 2 bytes), on the GPU (or the CPU's RSS in --smoke)."""
-    from grpo import token_logprobs
+    from logprobs import token_logprobs
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     torch.manual_seed(0)

@@ -7,19 +7,21 @@ the 1-rank one and the ranks with each other. `sft`: under torchrun rank r train
 (sft.train_sft with distributed.sft_collectives, as train.py); on 1 process the same step is taken by hand on
 the union of the ranks' rows.
 """
-import argparse
 import sys
 
 import torch
 
+import toy_model
 import toy_world as tw
 from retrievers import BM25Retriever
-from search_env import Tools, rollout
+from tools import Tools
+from search_env import rollout
 from engine import SamplingParams
-from teacher_data import ToyTeacherEngine
+from toy_world import ToyTeacherEngine
 from distributed import prepare_model, sft_collectives
 from sft import sft_step, train_sft
-from train import Dist, grpo_update
+from distributed import Dist
+from grpo import grpo_update, training_rows
 
 
 def main(workdir: str, out: str, mode: str) -> None:
@@ -38,21 +40,22 @@ def main(workdir: str, out: str, mode: str) -> None:
     mine = slice(d.rank * share, (d.rank + 1) * share)
     if mode == "grpo-kl" and d.on:   # 2 rows on rank 0, 6 on rank 1: rank 0 pads its micro-batch count
         mine = slice(0, 2) if d.rank == 0 else slice(2, None)
-    model = prepare_model(tw.build_tiny_model(tokenizer, seed=0), d)
+    model = prepare_model(toy_model.build_tiny_model(tokenizer, seed=0), d)
     ref = None
     if mode == "grpo-kl":            # a KL reference that is not the policy: its gradient counts
-        ref = prepare_model(tw.build_tiny_model(tokenizer, seed=1).requires_grad_(False).eval(), d, trainable=False)
+        ref = prepare_model(toy_model.build_tiny_model(tokenizer, seed=1).requires_grad_(False).eval(), d, trainable=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    args = argparse.Namespace(no_loss_mask=False, micro_batch_tokens=1 if ref else 1200, temperature=1.0,
-                              kl_beta=0.1 if ref else 0.0)
-    stats = grpo_update(model, optimizer, trajs[mine], advantages[mine], args, d, pad_id=tokenizer.pad_token_id,
-                        ref_model=ref)
+    rows = training_rows(trajs[mine], advantages[mine].tolist())      # as train.py's step makes and passes them
+    stats = grpo_update(model, optimizer, rows, n_tokens=d.sum(sum(sum(r.mask) for r in rows)),
+                        pad_id=tokenizer.pad_token_id, micro_batch_tokens=1 if ref else 1200, temperature=1.0,
+                        kl_beta=0.1 if ref else 0.0, ref_model=ref, loss_scale=d.world if d.fsdp else 1,
+                        max_count=d.max)
     torch.save({"params": {k: full(v) for k, v in model.named_parameters()}, "stats": stats}, f"{out}.rank{d.rank}")
 
 
 def sft(d: Dist, tokenizer, trajs, out: str) -> None:
     examples = [(t.prompt_ids + t.ids, [0] * len(t.prompt_ids) + t.mask) for t in trajs[:2]]
-    model = prepare_model(tw.build_tiny_model(tokenizer, seed=0), d)
+    model = prepare_model(toy_model.build_tiny_model(tokenizer, seed=0), d)
     if d.on:                                                        # rank r: 3 copies of example r
         train_sft(model, [examples[d.rank]], pad_id=tokenizer.pad_token_id, steps=1, batch_size=3, lr=1e-3,
                   log=None, **sft_collectives(d))

@@ -1,4 +1,4 @@
-"""A scripted teacher behind a real OpenAI-compatible HTTP API, for the real-run tests (`sft.py make-data`).
+"""A scripted teacher behind a real OpenAI-compatible HTTP API, for the real-run tests (`teacher_data.py`).
 
 A tiny local model cannot write useful trajectories, so this server stands in for the teacher LLM: it speaks the
 same API a vLLM server does (GET /v1/models, POST /v1/chat/completions, stop strings dropped from the reply and

@@ -1,4 +1,4 @@
-"""bench/bench_train_step.py (the GPU throughput benchmark) runs train.grpo_update end to end on CPU, toy shape."""
+"""bench/bench_train_step.py (the GPU throughput benchmark) runs grpo.grpo_update end to end on CPU, toy shape."""
 import json
 import subprocess
 import sys

@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import run_log
+import run_setup
+import toy_model
 import toy_world as tw
 import train
 from distributed import MANIFEST, Dist, export_hf, load_checkpoint, save_checkpoint, verify_checkpoint, write_manifest
@@ -50,7 +53,7 @@ def run_folder(out: Path, toy) -> tuple[Dist, dict]:
 def make_folder(out: Path, tokenizer, steps=(1, 2)) -> tuple[Dist, dict]:
     """An --out folder as train.py leaves it: the SFT export and checkpoints step_N with Adam state -> (Dist, the
     model's weights at each step)."""
-    d, model = Dist(), tw.build_tiny_model(tokenizer)
+    d, model = Dist(), toy_model.build_tiny_model(tokenizer)
     export_hf(out / "sft_model" / "model", model, tokenizer, d)
     optimizer, saved = torch.optim.AdamW(model.parameters(), lr=1e-2), {}
     for step in steps:
@@ -78,7 +81,7 @@ def test_any_damaged_file_is_named_and_resume_takes_the_previous_intact_source(t
         assert {"overwrite": "sha256 differs from the manifest's", "truncate": " bytes, the manifest says ",
                 "delete": ": missing"}[how] in reason, reason
     damaged = []
-    assert train.resume_point(tmp_path, d, damaged) == (sources[1] if hit == sources[0] else sources[0])
+    assert run_setup.resume_point(tmp_path, d, damaged) == (sources[1] if hit == sources[0] else sources[0])
     assert damaged == ([(hit, reason)] if hit == sources[0] else [])   # the newest intact one is found first
 
 
@@ -87,15 +90,15 @@ def test_nothing_intact_stops_in_one_line_naming_each_and_nothing_at_all_is_a_fr
     damage(tmp_path / "checkpoints" / "step_000002" / "rng_rank0.pt", "overwrite")
     damage(tmp_path / "checkpoints" / "step_000001" / "dcp" / ".metadata", "delete")
     damaged = []
-    assert train.resume_point(tmp_path, d, damaged) == tmp_path / "sft_model" / "model" and len(damaged) == 2
+    assert run_setup.resume_point(tmp_path, d, damaged) == tmp_path / "sft_model" / "model" and len(damaged) == 2
     damage(tmp_path / "sft_model" / "model" / "config.json", "truncate")
     with pytest.raises(SystemExit) as e:
-        train.resume_point(tmp_path, d, [])
+        run_setup.resume_point(tmp_path, d, [])
     message = str(e.value)
     assert message.startswith(f"error: --resume: nothing intact to resume from in {tmp_path}: ") and "\n" not in message
     for source in ("checkpoints/step_000002", "checkpoints/step_000001", "sft_model/model"):
         assert f"{tmp_path / source} is damaged (" in message, message
-    assert train.resume_point(tmp_path / "fresh", d, []) is None
+    assert run_setup.resume_point(tmp_path / "fresh", d, []) is None
 
 
 def test_a_digit_changed_in_the_manifest_and_an_unlisted_folder_are_refused(tmp_path, toy):
@@ -114,8 +117,8 @@ def test_a_digit_changed_in_the_manifest_and_an_unlisted_folder_are_refused(tmp_
 def test_the_checkpoint_resumed_from_after_damage_loads_what_was_saved(tmp_path, toy):
     d, saved = run_folder(tmp_path, toy)
     damage(tmp_path / "checkpoints" / "step_000002" / "rng_rank0.pt", "overwrite")   # the issue's case
-    source = train.resume_point(tmp_path, d, [])
-    model = tw.build_tiny_model(toy[0], seed=1)
+    source = run_setup.resume_point(tmp_path, d, [])
+    model = toy_model.build_tiny_model(toy[0], seed=1)
     state = load_checkpoint(source, model, d, torch.optim.AdamW(model.parameters()))
     assert state["step"] == 1
     assert all(torch.equal(v, saved[1][k]) for k, v in model.state_dict().items())
@@ -130,7 +133,7 @@ def test_the_checkpoint_resumed_from_after_damage_loads_what_was_saved(tmp_path,
 def test_metrics_jsonl_left_by_a_killed_or_older_run_keeps_each_step_once(tmp_path, left, keep_until, expected):
     lines = [json.dumps({"step": 0, "eval": {}}) if s == 0 else json.dumps({"step": s}) for s in left]
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 9, "rew')   # torn by the kill
-    logger = train.Logger(tmp_path, Dist(), None, {}, keep_until=keep_until)
+    logger = run_log.Logger(tmp_path, Dist(), None, {}, keep_until=keep_until)
     logger.log({"step": max(expected, default=keep_until) + 1})
     logger.file.close()
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]

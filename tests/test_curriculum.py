@@ -21,7 +21,7 @@ def test_endpoints(schedule, start, end):
 
 
 def test_default_is_linear_with_alpha0_half():
-    # α(t) = α0·(1 − t/T) with α0 = 0.5 (PAPER.md §3)
+    # α(t) = α0·(1 − t/T) with α0 = 0.5 (METHOD.md §3.4)
     assert alpha(25, 100) == pytest.approx(0.375)
     assert alpha(1, 4) == pytest.approx(0.375)
     assert alpha(3, 4, alpha0=0.8) == pytest.approx(0.2)

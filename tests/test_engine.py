@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import toy_model
 import toy_world as tw
 from engine import HFEngine, SamplingParams, _cut_at_stop
 
@@ -17,7 +18,7 @@ def setup(tmp_path_factory):
     world = tw.build_world(0, tw.WorldConfig(n_train=40, n_dev=10, n_test=20, n_extra_people=20))
     tokenizer = tw.build_tokenizer(world, cache_dir=tmp_path_factory.mktemp("tok"))
     torch.manual_seed(0)
-    return world, tokenizer, tw.build_tiny_model(tokenizer)
+    return world, tokenizer, toy_model.build_tiny_model(tokenizer)
 
 
 def test_cut_at_stop_keeps_the_stop_string_and_eos():

@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 
 import toy_world as tw
-from teacher_data import ToyTeacherEngine
+from toy_world import ToyTeacherEngine
 from engine import Completion, SamplingParams
-from evaluate import (AnswerJudge, aggregate, contains_answer, contamination_filter, evaluate_questions,
-                      load_records, main, parse_verdict, sampled_runs)
+from evaluate import aggregate, AnswerJudge, contains_answer, contamination_filter, evaluate_questions, load_records, main, parse_verdict
+from search_env import sampled_runs
 from qa_data import load_benchmark, load_jsonl_questions, load_questions, mix_counts, parse_mix, sample_rows, \
     warn_bad_rows
 from retrievers import BM25Retriever
-from rrm_reward import ToyOracleRRM
-from run_setup import make_tools
-from search_env import Tools
+from toy_world import ToyOracleRRM
+from tools import make_tools
+from tools import Tools
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -297,7 +297,7 @@ def test_make_tools_picks_the_tools_of_the_retriever(toy_dir, monkeypatch, tmp_p
     tools, names = make_tools("http://127.0.0.1:1/retrieve", tokenizer=None, topk=3,
                               query_cache=str(tmp_path / "cache.sqlite"), reader_url="http://r/v1", reader_model="m")
     assert names == ("web_search",) and tools.topk == 3 and (tmp_path / "cache.sqlite").is_file()
-    assert tools.reader_url == "http://r/v1/chat/completions" and tools.reader_model == "m"
+    assert tools.reader.base == "http://r/v1" and tools.reader.model == "m"
     monkeypatch.setenv("SERPER_API_KEY", "x")
     assert make_tools("serper", tokenizer=None)[1] == ("web_search", "browse_webpage")
     with pytest.raises(ValueError, match="bm25:CORPUS"):

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from grpo import group_advantages, grpo_loss, loss_mask, nonzero_groups, token_logprobs
+from grpo import group_advantages, grpo_loss, loss_mask, nonzero_groups
+from logprobs import token_logprobs
 
 
 def tiny_qwen(seed=0, tied=False):

@@ -19,7 +19,8 @@ from evaluate import AnswerJudge
 from hostile_server import RawServer, http
 from retrievers import Doc, HTTPRetriever, SearchError, SerperRetriever
 from rrm_reward import HTTPJudgeRRM
-from search_env import BrowseError, BrowseRefused, Tools, fetch_page, prompt_ids, rollout
+from tools import BrowseError, BrowseRefused, fetch_page, Tools
+from search_env import prompt_ids, rollout
 from teacher_data import ChatTeacherEngine
 from test_rollout import ScriptedEngine
 from test_rrm_reward import traj

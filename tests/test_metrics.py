@@ -1,44 +1,82 @@
-"""Tests of the answer metrics in evaluate.py: hand-computed set-F1 / EM, every documented edge case."""
+"""Tests of the answer metrics (curriculum.py, the outcome reward): hand-computed set-F1 / EM, both normalizations,
+every documented edge case."""
+import re
 import string
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from evaluate import exact_match, f1_score, normalize_answer
+from curriculum import NORMALIZATIONS, exact_match, f1_score, normalize_answer
 
 
 # ---- normalize_answer -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("raw,expected", [
-    ("Paris", "paris"),
-    ("  The   Eiffel\tTower \n", "the eiffel tower"),        # articles are kept (set F1 as DeepResearcher)
-    ("Jean-Luc Picard", "jean luc picard"),                    # hyphen -> space
-    ("O'Brien", "o brien"),
-    ("1,000", "1 000"),
-    ("U.S.A.", "u s a"),
-    ("?!...", ""),                                             # punctuation only -> empty
-    ("", ""),
-    ("“Dune” — «Herbert»… ¿sí?", "dune herbert sí"),           # Unicode punctuation (P*)
-    ("$5 + 3 = 8 | x ~ y ^ z `q` <a>", "5 3 8 x y z q a"),     # ASCII symbols (S*), as string.punctuation
-    ("€5 100°C © Coca-Cola™ 🙂", "5 100 c coca cola"),        # non-ASCII symbols (S*), our choice
-    ("Ｔｏｋｙｏ", "tokyo"),                                   # full-width forms via NFKC
-    ("ﬁsh", "fish"),                                           # compatibility ligature via NFKC
-    ("Zürich", "zürich"),                                      # accents are kept
-    ("a\u00a0b\u2003c", "a b c"),                              # Unicode whitespace collapses
-])
-def test_normalize_answer(raw, expected):
-    assert normalize_answer(raw) == expected
+def deepresearcher_preprocess(text: str) -> str:
+    """DeepResearcher's normalization as its verl/utils/reward_score/format_and_f1.py writes it (compute_score
+    lower-cases first, preprocess_text replaces each string.punctuation character, then collapses \\s+ and strips),
+    written out here as the independent reference the default must equal."""
+    text = text.lower()
+    for punct in string.punctuation:
+        text = text.replace(punct, " ")
+    return re.sub(r"\s+", " ", text).strip()
+
+
+# (raw, DeepResearcher's normalization = the default, the "unicode" variant)
+CASES = [
+    ("Paris", "paris", "paris"),
+    ("  The   Eiffel\tTower \n", "the eiffel tower", "the eiffel tower"),   # articles are kept (set F1)
+    ("Jean-Luc Picard", "jean luc picard", "jean luc picard"),              # hyphen -> space
+    ("O'Brien", "o brien", "o brien"),
+    ("1,000", "1 000", "1 000"),
+    ("U.S.A.", "u s a", "u s a"),
+    ("?!...", "", ""),                                                       # punctuation only -> empty
+    ("", "", ""),
+    ("$5 + 3 = 8 | x ~ y ^ z `q` <a>", "5 3 8 x y z q a", "5 3 8 x y z q a"),   # ASCII symbols: string.punctuation
+    ("“Dune” — «Herbert»… ¿sí?", "“dune” — «herbert»… ¿sí", "dune herbert sí"),  # Unicode punctuation (P*)
+    ("1979–80", "1979–80", "1979 80"),                                       # an en dash: one word, or two
+    ("O’Neil", "o’neil", "o neil"),                                          # a curly apostrophe
+    ("€5 100°C © Coca-Cola™ 🙂", "€5 100°c © coca cola™ 🙂", "5 100 c coca cola"),   # non-ASCII symbols (S*)
+    ("🙂🙂", "🙂🙂", ""),                                                   # an answer of emoji
+    ("Ｔｏｋｙｏ", "ｔｏｋｙｏ", "tokyo"),                                     # full-width forms: NFKC only
+    ("ﬁsh", "ﬁsh", "fish"),                                                 # a compatibility ligature: NFKC only
+    ("Zürich", "zürich", "zürich"),                                          # accents are kept by both
+    ("a\u00a0b\u2003c", "a b c", "a b c"),                                  # Unicode whitespace collapses
+]
+
+
+@pytest.mark.parametrize("raw,deepresearcher,unicode_variant", CASES)
+def test_normalize_answer_both_variants(raw, deepresearcher, unicode_variant):
+    assert normalize_answer(raw) == deepresearcher == deepresearcher_preprocess(raw)
+    assert normalize_answer(raw, "unicode") == unicode_variant
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_the_default_is_exactly_deepresearchers_normalization(text):
+    assert normalize_answer(text) == deepresearcher_preprocess(text)
+
+
+def test_the_variants_differ_in_f1_where_documented():
+    assert f1_score("1979–80", ["1979"]) == 0.0 and f1_score("1979–80", ["1979"], "unicode") == pytest.approx(2 / 3)
+    assert f1_score("🙂", ["🙂"]) == 1.0 and f1_score("🙂", ["🙂"], "unicode") == 0.0   # nothing left to score
+    assert exact_match("Ｔｏｋｙｏ", ["Tokyo"]) == 0.0 and exact_match("Ｔｏｋｙｏ", ["Tokyo"], "unicode") == 1.0
+    with pytest.raises(ValueError, match="unknown normalization 'ascii'"):
+        f1_score("a", ["a"], "ascii")
 
 
 def test_every_ascii_punctuation_character_becomes_space():
-    # P ∪ S on ASCII is exactly string.punctuation, the set DeepResearcher replaces.
-    for ch in string.punctuation:
-        assert normalize_answer(f"a{ch}b") == "a b", ch
-    for ch in string.ascii_letters + string.digits:
-        assert normalize_answer(f"a{ch}b") == f"a{ch.lower()}b"
+    # P ∪ S on ASCII is exactly string.punctuation, so both variants agree on ASCII.
+    for how in NORMALIZATIONS:
+        for ch in string.punctuation:
+            assert normalize_answer(f"a{ch}b", how) == "a b", ch
+        for ch in string.ascii_letters + string.digits:
+            assert normalize_answer(f"a{ch}b", how) == f"a{ch.lower()}b"
 
 
-def test_composed_and_decomposed_accents_are_equal():
-    assert normalize_answer("e\u0301te\u0301") == normalize_answer("\u00e9t\u00e9")
+def test_composed_and_decomposed_accents_are_equal_under_unicode():
+    assert normalize_answer("e\u0301te\u0301", "unicode") == normalize_answer("\u00e9t\u00e9", "unicode")
+    assert normalize_answer("e\u0301te\u0301") != normalize_answer("\u00e9t\u00e9")   # DeepResearcher's: no NFKC
 
 
 def test_normalize_rejects_non_strings():
@@ -98,10 +136,11 @@ def test_golden_answer_that_normalizes_to_empty_matches_nothing():
 
 
 def test_unicode_and_symbol_cases():
-    assert f1_score("“Tokyo”", ["Ｔｏｋｙｏ"]) == 1.0
-    assert exact_match("Zurich", ["Zürich"]) == 0.0          # accents are not stripped
-    assert f1_score("100°C", ["100 C"]) == 1.0
-    assert f1_score("€5", ["5"]) == 1.0
+    assert f1_score("“Tokyo”", ["Ｔｏｋｙｏ"], "unicode") == 1.0
+    for how in NORMALIZATIONS:
+        assert exact_match("Zurich", ["Zürich"], how) == 0.0   # accents are not stripped
+    assert f1_score("100°C", ["100 C"], "unicode") == 1.0 and f1_score("100°C", ["100 C"]) == 0.0
+    assert f1_score("€5", ["5"], "unicode") == 1.0 and f1_score("€5", ["5"]) == 0.0
 
 
 def test_scores_are_floats_in_unit_interval():

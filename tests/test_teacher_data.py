@@ -1,4 +1,4 @@
-"""`python sft.py make-data` with a teacher behind a real HTTP API: the filter's counts, the files it writes, resume
+"""`python teacher_data.py` with a teacher behind a real HTTP API: the filter's counts, the files it writes, resume
 after a rerun, a torn line or kill -9, and the startup checks. The teacher is tests/scripted_teacher.py on
 loopback; questions, corpus and tokenizer are a small toy world's, run through the real run's environment (its
 system prompt, BM25 retriever and limits)."""
@@ -17,6 +17,7 @@ import toy_world as tw
 from atomic_thought import system_prompt
 from engine import SamplingParams
 from scripted_teacher import load, make_server
+from hostile_server import RawServer, http
 from search_env import prompt_ids
 from sft import load_examples
 from teacher_data import ChatTeacherEngine, main
@@ -99,7 +100,7 @@ def test_make_data_counts_writes_and_resumes(world, tmp_path, capsys):
 def test_a_run_killed_mid_way_loses_nothing_and_resumes(world, tmp_path):
     server, url = serve(world, delay_s=0.05)
     out = tmp_path / "sft.jsonl"
-    command = [sys.executable, str(ROOT / "sft.py"), "make-data", *args(world, url, out, "--batch-size", "2",
+    command = [sys.executable, str(ROOT / "teacher_data.py"), *args(world, url, out, "--batch-size", "2",
                                                                        "--concurrency", "1")]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     try:
@@ -188,19 +189,19 @@ def test_startup_checks_name_the_flag(world, tmp_path):
 
 def test_chat_teacher_restores_stop_strings_and_flags_bad_replies(world):
     tokenizer = tw.build_tokenizer(tw.build_world(0))
-    teacher = ChatTeacherEngine("http://127.0.0.1:9", "m", tokenizer, retries=0)
     replies = iter([{"choices": [{"message": {"content": "<think>\nx\n</think>\n<answer> y "}, "stop_reason":
                                   "</answer>", "finish_reason": "stop"}]},
                     {"choices": [{"message": {"content": "<think>\n" + "word " * 300}, "finish_reason": "length"}]},
                     {"choices": []}])
-    import teacher_data
-    original = teacher_data.post_json
-    teacher_data.post_json = lambda *a, **k: next(replies)
+    server = RawServer(lambda path, body: [http("200 OK", {"Content-Type": "application/json"},
+                                                json.dumps(next(replies)).encode())])
+    teacher = ChatTeacherEngine(server.url, "m", tokenizer, retries=0)
     try:
         prompt = prompt_ids(tokenizer, "Where was Ka Lo Mi born?", "system")
         ok, long, bad = (teacher._one(prompt, SamplingParams(max_new_tokens=64)) for _ in range(3))
     finally:
-        teacher_data.post_json = original
+        server.close()
+    assert server.hits == ["/v1/chat/completions"] * 3
     assert ok.text.endswith("</answer>") and ok.finish_reason == "stop" and ok.error is None
     assert long.finish_reason == "length" and len(long.token_ids) == 64
     assert bad.error == "teacher: the reply is not a chat completion" and bad.finish_reason == "error"

@@ -5,7 +5,9 @@ import random
 import pytest
 import torch
 
+import toy_model
 import toy_world as tw
+from qa_data import write_jsonl
 from atomic_thought import THINK_PREFIX, parse_turn, render_turn
 
 ROLES = ("system", "user", "assistant")   # the chat template's role names
@@ -73,7 +75,7 @@ def test_one_search_result_is_enough_the_teachers_query_ranks_its_gold_passage_f
     from retrievers import BM25Retriever
     assert tw.TOPK == 1
     assert len({frozenset(name.split()) for name in world.people}) == len(world.people)
-    tw.write_jsonl(world.corpus, tmp_path / "corpus.jsonl")
+    write_jsonl(world.corpus, tmp_path / "corpus.jsonl")
     hops = [hop for q in world.splits["test"] for hop in q["metadata"]["hops"]]
     found = BM25Retriever(tmp_path / "corpus.jsonl").search([tw.search_query(h["search"], h["relation"]) for h in hops],
                                                             k=tw.TOPK)
@@ -91,7 +93,7 @@ def test_tokenizer_round_trip_save_load_and_single_token_units(world, tokenizer,
     from transformers import AutoTokenizer
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert loaded(text)["input_ids"] == ids and loaded.chat_template == tokenizer.chat_template
-    for tag in tw.FORMAT_TOKENS + tw.LAYOUT_TOKENS + tw.CHAT_TOKENS + (tw.TOOL_CALL_PREFIX,) + ROLES:
+    for tag in toy_model.FORMAT_TOKENS + toy_model.LAYOUT_TOKENS + toy_model.CHAT_TOKENS + (toy_model.TOOL_CALL_PREFIX,) + ROLES:
         assert len(tokenizer(tag)["input_ids"]) == 1, tag
     # The assistant's text spends no token on whitespace alone: it rides with the tags (LAYOUT_TOKENS).
     for m in messages:
@@ -101,8 +103,8 @@ def test_tokenizer_round_trip_save_load_and_single_token_units(world, tokenizer,
     # Every rendered tool call starts with the one-token prefix, and the name after it keeps its own tokens.
     call = next(t for t in turns if t.tool_call)
     rendered = render_turn(call)
-    assert tw.TOOL_CALL_PREFIX in rendered
-    prefix_id = tokenizer.convert_tokens_to_ids(tw.TOOL_CALL_PREFIX)
+    assert toy_model.TOOL_CALL_PREFIX in rendered
+    prefix_id = tokenizer.convert_tokens_to_ids(toy_model.TOOL_CALL_PREFIX)
     call_ids = tokenizer(rendered)["input_ids"]
     assert prefix_id in call_ids and tokenizer.decode(call_ids) == rendered
     name = tokenizer(" " + q["metadata"]["subject"])["input_ids"]
@@ -127,7 +129,7 @@ def test_chat_template_renders_a_tool_turn_as_a_user_tool_response(tokenizer):
 
 
 def test_tiny_model_forward_pass(tokenizer):
-    model = tw.build_tiny_model(tokenizer)
+    model = toy_model.build_tiny_model(tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     assert 0.3e6 < n_params < 2e6
     assert model.config.model_type == "qwen2" and model.config.num_key_value_heads < model.config.num_attention_heads

@@ -16,8 +16,10 @@ import torch
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+import toy_model
 import teacher_data
 import toy_world as tw
+from qa_data import write_jsonl
 from distributed import Dist, write_manifest
 from scripted_teacher import make_server
 
@@ -76,6 +78,51 @@ def test_tiny_run_trains_logs_and_summarizes(sft_run, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before), "GRPO did not change the parameters"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000000", "step_000002"]
     assert (out / "samples" / "step_00002.txt").read_text().count("[[") > 2    # masked spans shown
+
+
+def test_the_tinkerers_flags_reach_their_functions(sft_run, tmp_path, monkeypatch):
+    """--adv-scale, --clip-eps-high, --step-frac, --atr-aggregation and --answer-normalization, in one in-process run:
+    each value arrives at the function it is for (the real function runs; the spy only records its argument), and
+    the step schedule is visible in the logged α."""
+    import curriculum
+    import grpo
+    import rrm_reward
+    import train
+    seen = {}
+
+    def spy(module, name, position, key):
+        real = getattr(module, name)
+
+        def recording(*args, **kwargs):
+            seen.setdefault(name, set()).add(kwargs[key] if key in kwargs else args[position])
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, name, recording)
+    spy(train, "group_advantages", 2, "scale")
+    spy(grpo, "grpo_loss", None, "clip_eps_high")
+    spy(train, "alpha", 4, "step_frac")
+    spy(rrm_reward, "aggregate", 2, "how")
+    spy(curriculum, "f1_score", 2, "normalization")
+    out = copy(sft_run, tmp_path / "run")
+    train.main(["--stage", "grpo", "--resume", "--grpo-steps", "2", "--out", str(out), *TINY, "--eval-limit", "2",
+                "--adv-scale", "none", "--clip-eps-high", "0.28", "--schedule", "step", "--step-frac", "0.5",
+                "--atr-aggregation", "min", "--answer-normalization", "unicode"])
+    assert seen == {"group_advantages": {"none"}, "grpo_loss": {0.28}, "alpha": {0.5}, "aggregate": {"min"},
+                    "f1_score": {"unicode"}}
+    logged = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["alpha"] for r in logged if "eval" not in r] == [0.5, 0.0]   # α0 before step_frac·T = 1, then 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["adv_scale"], config["clip_eps_high"], config["atr_aggregation"]) == ("none", 0.28, "min")
+
+
+def test_flags_are_grouped_and_the_presets_fill_only_unset_ones():
+    import train
+    groups = {g.title: [a.dest for a in g._group_actions] for g in train.build_parser()._action_groups}
+    assert {"reward", "optimization", "environment", "evaluation and logging"} <= set(groups)
+    assert {"alpha0", "schedule", "step_frac", "atr_aggregation", "answer_normalization"} <= set(groups["reward"])
+    assert {"adv_scale", "clip_eps_high", "no_loss_mask", "kl_beta"} <= set(groups["optimization"])
+    toy, paper = train.parse_args([]), train.parse_args(["--model", "m", "--lr", "2e-6"])
+    assert (toy.lr, toy.group_size) == (train.TOY["lr"], train.TOY["group_size"])
+    assert (paper.lr, paper.group_size, paper.kl_beta) == (2e-6, 16, 0.001)
 
 
 def test_stop_and_resume_gives_the_same_weights_as_a_straight_run(sft_run, tmp_path):
@@ -221,7 +268,7 @@ def test_resume_refuses_a_checkpoint_saved_with_another_tokenizer(tmp_path):
     other = tw.build_world(1, tw.WorldConfig(n_train=10, n_dev=2, n_test=2, n_extra_people=2))
     tokenizer = tw.build_tokenizer(other, cache_dir=tmp_path / "tok")   # not the default world's tokenizer
     saved = tmp_path / "out" / "sft_model" / "model"
-    tw.build_tiny_model(tokenizer).save_pretrained(saved)
+    toy_model.build_tiny_model(tokenizer).save_pretrained(saved)
     tokenizer.save_pretrained(saved)
     write_manifest(saved, Dist())                                       # intact, as train.py exports it
     proc = run("--stage", "grpo", "--resume", "--out", str(tmp_path / "out"), *TINY, timeout=300)
@@ -237,7 +284,7 @@ def test_two_rank_update_equals_one_rank_update(tmp_path, mode):
     parameters, on every rank."""
     world = tw.build_world(0, tw.WorldConfig(n_train=40, n_dev=10, n_test=20, n_extra_people=20))
     tw.build_tokenizer(world, cache_dir=tmp_path)
-    tw.write_jsonl(world.corpus, tmp_path / "corpus.jsonl")
+    write_jsonl(world.corpus, tmp_path / "corpus.jsonl")
     script = str(ROOT / "tests" / "dist_update.py")
     one = subprocess.run([sys.executable, script, str(tmp_path), str(tmp_path / "one.pt"), mode], env=ENV,
                          capture_output=True, text=True, timeout=300)
@@ -250,7 +297,7 @@ def test_two_rank_update_equals_one_rank_update(tmp_path, mode):
     ranks = [torch.load(tmp_path / f"two.pt.rank{r}") for r in (0, 1)]
     if mode != "sft":
         assert a["stats"]["tokens"] == ranks[0]["stats"]["tokens"] > 0
-    initial = tw.build_tiny_model(tw.build_tokenizer(world, cache_dir=tmp_path), seed=0).state_dict()
+    initial = toy_model.build_tiny_model(tw.build_tokenizer(world, cache_dir=tmp_path), seed=0).state_dict()
     assert any(not torch.equal(a["params"][k], initial[k]) for k in a["params"]), "no update: the test is vacuous"
     # AdamW's first step is lr·g/|g|: float noise in a near-zero g moves an element by up to ~1e-6 (lr 1e-3 here); a
     # missing gradient reduction moves thousands of them by ~1e-3
@@ -266,8 +313,8 @@ def test_real_setup_on_two_fsdp_ranks_with_kl_then_resume_on_one_rank(sft_run, t
     unsharded copy, all in the one default --out folder rank 0 named; its DCP checkpoint resumes on 1 rank; a
     damaged newest checkpoint is named and the run goes on from the one before it."""
     world = tw.build_world(0)                                           # the sft_run's world and tokenizer
-    tw.write_jsonl(world.splits["train"], tmp_path / "train.jsonl")
-    tw.write_jsonl(world.corpus, tmp_path / "corpus.jsonl")
+    write_jsonl(world.splits["train"], tmp_path / "train.jsonl")
+    write_jsonl(world.corpus, tmp_path / "corpus.jsonl")
     teacher_data.main(["--toy", "--real-prompt", "--n", "48", "--out", str(tmp_path / "sft.jsonl")])
     real = ["--model", str(sft_run / "sft_model" / "model"), "--data", str(tmp_path / "train.jsonl"),
             "--retriever", f"bm25:{tmp_path / 'corpus.jsonl'}", "--topk", str(tw.TOPK), "--reward", "outcome",

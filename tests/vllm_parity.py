@@ -7,16 +7,19 @@ import sys
 
 import torch
 
+import toy_model
 import toy_world as tw
+from qa_data import write_jsonl
 from engine import HFEngine, SamplingParams, VLLMEngine
 from retrievers import BM25Retriever
-from search_env import Tools, rollout
+from tools import Tools
+from search_env import rollout
 
 
 def main(workdir: str) -> None:
     world = tw.build_world(0, tw.WorldConfig(n_train=40, n_dev=10, n_test=20, n_extra_people=20))
     tokenizer = tw.build_tokenizer(world, cache_dir=workdir)
-    model = tw.build_tiny_model(tokenizer)
+    model = toy_model.build_tiny_model(tokenizer)
     with torch.no_grad():   # sharpen the random model so greedy choices are far from ties
         for p in model.parameters():
             if p.dim() > 1:
@@ -26,7 +29,7 @@ def main(workdir: str) -> None:
     # The engine is built before the retriever imports bm25s (see retrievers._bm25s).
     vllm = VLLMEngine(f"{workdir}/model", dtype="float32", max_model_len=2048, enforce_eager=True,
                       gpu_memory_utilization=0.3)
-    tw.write_jsonl(world.corpus, f"{workdir}/corpus.jsonl")
+    write_jsonl(world.corpus, f"{workdir}/corpus.jsonl")
     tools = Tools(BM25Retriever(f"{workdir}/corpus.jsonl"), topk=3, tokenizer=tokenizer)
     questions = world.splits["test"][:6]
     params = SamplingParams(temperature=0, max_new_tokens=24)

@@ -1,0 +1,86 @@
+"""A training run's log: one line per step on rank 0, metrics.jsonl always, wandb when asked.
+
+`Logger` writes the records train.py makes per GRPO step and per held-out evaluation; `counters` and
+`counter_deltas` are the tools' and the judge's failure and usage counts that go into them, summed over the ranks:
+failures that training survives are counted here, never silently. report.py reads what this writes.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from distributed import Dist
+
+
+# Counters of the tools and of the judge, logged per step (summed over ranks): searches, failures, cache use, judge
+# calls and fallbacks. Failures that training survives are counted here, never silently.
+TOOL_COUNTERS = ("search_calls", "search_failures", "empty_results", "cache_hits", "cache_misses", "browse_calls",
+                 "browse_failures", "browse_refused", "reader_failures", "bad_arguments", "unknown_tool")
+JUDGE_COUNTERS = ("calls", "retries", "parse_errors", "http_errors", "fallbacks")
+
+
+def counters(env) -> dict:
+    """This rank's TOOL_COUNTERS and JUDGE_COUNTERS (as judge_*) so far."""
+    return {**{k: env["tools"].stats[k] for k in TOOL_COUNTERS},
+            **{f"judge_{k}": env["rrm"].stats[k] if env["rrm"] else 0 for k in JUDGE_COUNTERS}}
+
+
+def counter_deltas(env, before: dict, d: Dist) -> dict:
+    """The counters' increments since `before` (a `counters` snapshot), summed over the ranks."""
+    now = counters(env)
+    return dict(zip(now, (int(v) for v in d.sums([now[k] - before[k] for k in now]))))
+
+
+class Logger:
+    """One `|`-separated line per step on rank 0, a jsonl file always, wandb when asked (imported lazily).
+
+    `keep_until`: the step the run resumes after (-1: a fresh start). The records of later steps, logged by a run
+    that was stopped or killed and about to be redone, are dropped from metrics.jsonl first, and so are a torn or
+    unreadable line (a kill mid-write) and, in a file an older version wrote after a resume, the records a
+    restarted step replaces: every step appears once, in order."""
+
+    def __init__(self, out: Path, d: Dist, wandb_project: str | None, config: dict, keep_until: int = -1):
+        self.on = d.rank == 0
+        path = out / "metrics.jsonl"
+        if self.on and path.exists():
+            kept: list[tuple[int, str]] = []
+            for line in path.read_text(errors="replace").splitlines(keepends=True):
+                record = logged_record(line)
+                if record is None or record["step"] > keep_until:
+                    continue
+                if "eval" not in record and kept and kept[-1][0] >= record["step"]:   # the step was redone
+                    kept = [(step, kept_line) for step, kept_line in kept if step < record["step"]]
+                kept.append((record["step"], line))
+            path.with_suffix(".tmp").write_text("".join(line for _, line in kept))
+            path.with_suffix(".tmp").replace(path)
+        self.file = open(path, "a") if self.on else None
+        self.wandb = None
+        if self.on and wandb_project:
+            import wandb
+            self.wandb = wandb.init(project=wandb_project, config=config)
+
+    def log(self, record: dict, line_keys: tuple[str, ...] = ()) -> None:
+        if not self.on:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb:
+            self.wandb.log(record)
+        if line_keys:
+            print(" | ".join(f"{k} {record[k]:.3f}" if isinstance(record[k], float) else f"{k} {record[k]}"
+                             for k in line_keys if k in record), flush=True)
+
+    def log_eval(self, step: int, scores: dict, counts: dict) -> None:
+        self.log({"step": step, "eval": scores, **counts})
+        if self.on:
+            print(f"eval after step {step} | " + " | ".join(f"{name} F1 {s['f1']:.1f} EM {s['em']:.1f} (n {s['n']})"
+                                                          for name, s in scores.items()), flush=True)
+
+
+def logged_record(line: str) -> dict | None:
+    """One metrics.jsonl line as a record with an int "step"; None for a torn or unreadable line."""
+    try:
+        record = json.loads(line) if line.endswith("\n") else None
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
