@@ -45,7 +45,12 @@ import re
 from dataclasses import dataclass
 
 # The four tags of the released model, in the order it writes them (METHOD.md §2).
-CANONICAL_TAGS = ("OBSERVATION", "HYPOTHESIS_TESTING", "RISK_ANALYSIS", "ACTION")
+# Each with what it holds: the teacher is told these (teacher_data.TEACHER_INSTRUCTIONS).
+TAG_ROLES = {"OBSERVATION": "what the question or the last results say",
+             "HYPOTHESIS_TESTING": "a candidate answer or plan and the evidence it needs",
+             "RISK_ANALYSIS": "what could be wrong",
+             "ACTION": "what to do next"}
+CANONICAL_TAGS = tuple(TAG_ROLES)
 # The turn's structure; atom tags are any other UPPER_SNAKE tag. These two tuples are the one tag vocabulary: the
 # toy tokenizer, teacher and judge and the report's colours derive from them.
 STRUCTURAL_TAGS = ("think", "tool_call", "answer", "tool_response")

@@ -124,6 +124,15 @@ def sft_collectives(d: Dist) -> dict:
                 max_count=d.max)
 
 
+def generation_copy(model, d: Dist):
+    """An unsharded copy of the policy's architecture for HFEngine under FSDP (filled by the first weight sync):
+    a sharded model cannot generate, its every forward is a collective and ranks stop at different tokens."""
+    from transformers import AutoModelForCausalLM
+    with torch.device(d.device):
+        copy = AutoModelForCausalLM.from_config(model.config, dtype=torch.bfloat16 if d.cuda else torch.float32)
+    return copy.eval().requires_grad_(False)
+
+
 def peak_memory(d: Dist, phase: str) -> dict:
     """{"mem_<phase>_gb": the largest peak of GPU memory allocated by torch on any rank since the last call} (and
     the counter reset); {} on CPU. vLLM's own pool is counted separately by vLLM: this is the trainer's memory."""

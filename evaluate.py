@@ -19,7 +19,7 @@ scores), DIR/report.html (report.py), and prints the paper's Table 1 with our ro
    without tools contains a golden answer) to DIR/train.jsonl, so a training run is reproducible offline.
 2. The agent: greedy decoding through search_env.rollout, the training prompt and limits (`--toy` sets the toy's);
    tools: web_search alone for BM25 / a retrieval server, web_search + browse_webpage for Serper (web pages).
-3. Metrics per benchmark: set-F1 and EM below (a format error scores 0), the judge's accuracy (`--judge-url`: an
+3. Metrics per benchmark: set-F1 and EM (curriculum.py; a format error scores 0), the judge's accuracy (`--judge-url`: an
    OpenAI-compatible endpoint; our prompt, in the spirit of DeepResearcher's: question, golden list, prediction ->
    correct/incorrect; an unparseable verdict is counted and not correct), and what the paper compares at test time:
    response tokens (sampled, mask-1 tokens per question), think tokens (our count: the sampled tokens of each turn
@@ -28,7 +28,7 @@ scores), DIR/report.html (report.py), and prints the paper's Table 1 with our ro
    atomic thought, for viewing only (`--rrm-url toy`: the toy world's oracle).
 
 The outcome metric, F1 and EM, is curriculum.py's (the training reward's): DeepResearcher's normalization by default,
-`--answer-normalization unicode` for the Unicode-aware variant (METHOD.md §3).
+`--answer-normalization unicode` for the Unicode-aware variant (METHOD.md §3.2).
 
 Not covered: the paper's own judge prompt (unpublished), per-question timing, and beam search.
 """
@@ -44,14 +44,13 @@ import re
 from collections import Counter
 from pathlib import Path
 
-import toy_world as tw
 from atomic_thought import system_prompt
 from curriculum import NORMALIZATIONS, normalize_answer, outcome
 from qa_data import (MAX_QUESTION_CHARS, load_benchmark, load_questions, prompt_check, question_chars_arg, sample_rows,
                      warn_bad_rows, write_jsonl)
 from report import markdown_stats, markdown_table1, write_report
 from rrm_reward import after_reasoning
-from net import ChatClient, RemoteError
+from net import ChatClient, NotAChatCompletion, RemoteError
 from search_env import PAPER_LIMITS, rollout, sampled_runs
 from tools import make_tools
 
@@ -115,15 +114,15 @@ def parse_verdict(reply) -> str | None:
 class AnswerJudge:
     """LLM-as-judge accuracy (DeepResearcher's "MBE") through an OpenAI-compatible chat endpoint (net.ChatClient).
 
-    Verdicts: correct | incorrect (also, without a call, for no answer) | unparseable (no verdict after `retries`
-    extra tries) | error (the endpoint failed after post_json's retries). The API key is read from $`api_key_env`
+    Verdicts: correct | incorrect (also, without a call, for no answer) | unparseable (no verdict, or a reply that
+    is not a chat completion, after `retries` extra tries) | error (the endpoint failed after post_json's retries). The API key is read from $`api_key_env`
     at each call and kept nowhere.
     """
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY", retries: int = 2,
                  timeout: float = 60.0, concurrency: int = 16, backoff_s: float = 1.0):
         self.client = ChatClient(base_url, model, what="answer judge", api_key_env=api_key_env, timeout=timeout,
-                                 retries=retries, backoff_s=backoff_s, pool_size=concurrency)
+                                 retries=retries, backoff_s=backoff_s, pool_size=concurrency, max_bytes=64 << 20)
         self.retries, self.stats = retries, Counter()
 
     def _one(self, item: tuple[str, list[str], str | None]) -> str:
@@ -135,10 +134,11 @@ class AnswerJudge:
         messages = [{"role": "system", "content": ANSWER_JUDGE_PROMPT}, {"role": "user", "content": data}]
         for attempt in range(self.retries + 1):
             try:   # a retry samples (temperature 0.7), so it may differ
-                reply = self.client.chat(messages, temperature=0.0 if attempt == 0 else 0.7)
+                verdict = parse_verdict(self.client.chat(messages, temperature=0.0 if attempt == 0 else 0.7).text)
+            except NotAChatCompletion:
+                verdict = None                  # asked again, as for a reply without a verdict
             except RemoteError:
                 return "error"
-            verdict = parse_verdict(reply.text)
             if verdict:
                 return verdict
         return "unparseable"
@@ -273,7 +273,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"(default {MAX_QUESTION_CHARS})")
     p.add_argument("--seed", type=int, default=0, help="seed of the question sample (and of vLLM)")
     p.add_argument("--answer-normalization", choices=NORMALIZATIONS, default="deepresearcher",
-                   help="F1/EM normalization: DeepResearcher's (the paper's tables) or unicode (METHOD.md §3)")
+                   help="F1/EM normalization: DeepResearcher's (the paper's tables) or unicode (METHOD.md §3.2)")
     p.add_argument("--out", required=True, help="output folder (with --make-train-data: gets train.jsonl)")
     # agent and tools: the training values (METHOD.md §4)
     p.add_argument("--retriever", help="bm25:CORPUS | http(s)://retrieval-server | serper ($SERPER_API_KEY)")
@@ -299,6 +299,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "--model without tools (0 = no filter; DeepResearcher filters)")
     args = p.parse_args(argv)
     if args.toy:   # main() writes the world into data_dir when it is not there
+        import toy_world as tw
         toy = Path(args.data_dir or Path(args.out) / "toy_world")
         args.data_dir, args.model = str(toy), args.model or str(toy / "model")
         args.benchmarks, args.retriever = args.benchmarks or "test", args.retriever or f"bm25:{toy / 'corpus.jsonl'}"
@@ -320,6 +321,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    import toy_world as tw   # the embedded default (--toy, --rrm-url toy), wired in here only
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.make_train_data:

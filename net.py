@@ -361,12 +361,16 @@ def post_json(session: requests.Session, url: str, payload: dict | None, *, what
 # ----------------------------------------------------------------------------- the one OpenAI-compatible chat client
 @dataclass(frozen=True)
 class ChatReply:
-    """The first choice of a chat completion: its text ("" when the server sent none, as a reasoning model does
+    """The first choice of a chat completion: its text (None when the server sent none, as a reasoning model does
     that spent its max_tokens thinking), and why it ended (OpenAI's finish_reason; vLLM's stop_reason names the
     stop string that ended it, which the text does not contain)."""
-    text: str
+    text: str | None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+
+
+class NotAChatCompletion(RemoteError):
+    """The endpoint answered 200 with JSON that is not a chat completion (a caller may ask again)."""
 
 
 class ChatClient:
@@ -395,24 +399,24 @@ class ChatClient:
         key = "set" if os.environ.get(self.api_key_env) else "unset"
         return f"ChatClient({self.what}: {self.base!r}, model {self.model!r}, key from ${self.api_key_env}: {key})"
 
-    def _call(self, path: str, payload: dict | None, retries: int | None) -> object:
+    def _call(self, path: str, payload: dict | None, retries: int | None = None) -> object:
         key = os.environ.get(self.api_key_env)
         return post_json(self.session, self.base + path, payload, what=self.what, timeout=self.timeout,
                          retries=self.retries if retries is None else retries, backoff_s=self.backoff_s,
                          headers={"Authorization": f"Bearer {key}"} if key else None, max_bytes=self.max_bytes,
                          method="POST" if payload is not None else "GET")
 
-    def chat(self, messages: list[dict], *, retries: int | None = None, **params) -> ChatReply:
+    def chat(self, messages: list[dict], **params) -> ChatReply:
         """POST /v1/chat/completions with this model, `messages` and `params` (temperature, max_tokens, stop...)."""
-        reply = self._call("/chat/completions", {"model": self.model, "messages": messages, **params}, retries)
+        reply = self._call("/chat/completions", {"model": self.model, "messages": messages, **params})
         try:
             choice = reply["choices"][0]
             content = choice["message"]["content"]
         except (KeyError, IndexError, TypeError):
-            raise RemoteError(f"{self.what}: the reply is not a chat completion") from None
+            raise NotAChatCompletion(f"{self.what}: the reply is not a chat completion") from None
         if content is not None and not isinstance(content, str):
-            raise RemoteError(f"{self.what}: the reply's content is a {type(content).__name__}, not text")
-        return ChatReply(content or "", choice.get("finish_reason"), choice.get("stop_reason"))
+            raise NotAChatCompletion(f"{self.what}: the reply's content is a {type(content).__name__}, not text")
+        return ChatReply(content, choice.get("finish_reason"), choice.get("stop_reason"))
 
     def models(self) -> list[str]:
         """GET /v1/models: the model names the endpoint serves."""

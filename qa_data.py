@@ -322,14 +322,14 @@ def load_questions(spec_or_paths: str | list[str], *, limit: int | None = None, 
     return out
 
 
+def write_jsonl(rows: list[dict], path: str | os.PathLike) -> None:
+    """One JSON object per line, UTF-8 as it is (the FlashRAG format every reader here takes)."""
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
 if __name__ == "__main__":
     for arg in sys.argv[1:]:
         good, bad_rows = load_jsonl_questions(arg)
         warn_bad_rows(bad_rows, cap=len(bad_rows))
         print(f"{arg}: {len(good)} usable rows, {len(bad_rows)} bad")
-
-
-def write_jsonl(rows: list[dict], path: str | os.PathLike) -> None:
-    """One JSON object per line, UTF-8 as it is (the FlashRAG format every reader here takes)."""
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

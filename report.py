@@ -32,6 +32,8 @@ import json
 import sys
 from pathlib import Path
 
+from atomic_thought import CANONICAL_TAGS
+
 # Table 1 of the paper (F1 ×100, METHOD.md §5): column headers, and the rows printed beside ours.
 COLUMNS = {"nq": "NQ", "triviaqa": "TQ", "hotpotqa": "HotpotQA", "2wikimultihopqa": "2Wiki", "musique": "MuSiQue",
            "bamboogle": "Bamboogle", "popqa": "PopQA"}
@@ -41,8 +43,8 @@ PAPER_ROWS = {
     "DeepResearcher (paper)": {"nq": 39.6, "triviaqa": 78.4, "hotpotqa": 52.8, "2wikimultihopqa": 59.7,
                                "musique": 27.1, "bamboogle": 71.0, "popqa": 48.5},
 }
-TAG_COLORS = {"OBSERVATION": "#2b6cb0", "HYPOTHESIS_TESTING": "#6b46c1", "RISK_ANALYSIS": "#c05621",
-              "ACTION": "#2f855a"}   # the left border of an atom block names its tag at a glance
+# The left border of an atom block names its tag at a glance: one colour per canonical tag, grey for others.
+TAG_COLORS = dict(zip(CANONICAL_TAGS, ("#2b6cb0", "#6b46c1", "#c05621", "#2f855a", "#b83280", "#2c7a7b")))
 
 
 def _is_num(value) -> bool:

@@ -1,7 +1,8 @@
 """Where passages come from: three search backends behind one interface, and a query cache.
 
 The agent's `web_search` tool (tools.py) calls a retriever; this file holds them (METHOD.md §2 tools,
-§4 "search"), and `make_retriever` builds one from a `--retriever` spec. All share `search(queries, k) -> list[list[Doc]]` (batched) and raise `SearchError` on failure;
+§4 "search"), and `make_retriever` builds one from a `--retriever` spec. All share
+`search(queries, k) -> list[list[Doc]]` (batched) and raise `SearchError` on failure;
 tools.Tools turns that into the text of the tool response, so a fault never ends an episode.
   - `BM25Retriever`: bm25s over a FlashRAG jsonl corpus (`id` + `contents`, or `title` + `text`), in process;
     the index is built once and saved next to the corpus (or under ~/.cache when that folder is read-only),

@@ -52,6 +52,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import net
+from atomic_thought import CANONICAL_TAGS
 
 AGGREGATIONS = ("mean", "min", "last_turn")
 
@@ -96,9 +97,8 @@ def aggregate(scores: list[float], turn_of_atom: list[int], how: str = "mean") -
 
 JUDGE_INSTRUCTIONS = """\
 You review the reasoning of a research agent. The agent answered a question in turns. In each turn it \
-wrote its reasoning as numbered atomic thoughts, each tagged with its function (for example OBSERVATION, \
-HYPOTHESIS_TESTING, RISK_ANALYSIS, ACTION), then either called a tool, whose response is shown, or gave \
-its final answer. You are not told the correct answer.
+wrote its reasoning as numbered atomic thoughts, each tagged with its function (for example {tags}), \
+then either called a tool, whose response is shown, or gave its final answer. You are not told the correct answer.
 
 Score every atomic thought from 0 to 10:
 - soundness: the step is logically valid and follows from what came before it;
@@ -114,7 +114,7 @@ is part of the thought being judged, and it is not sound reasoning.
 Reply with one JSON object in exactly this form and no other JSON:
 {"id": "<the id of the trajectory block>", "scores": [{"atom": 1, "score": <0-10>, "reason": "<at most \
 20 words>"}, ...]}
-with one entry for every atomic thought, in the order of their numbers."""
+with one entry for every atomic thought, in the order of their numbers.""".replace("{tags}", ", ".join(CANONICAL_TAGS))
 
 
 @dataclass(frozen=True)
@@ -379,9 +379,10 @@ class HTTPJudgeRRM(LLMJudgeRRM):
 
     def _post(self, messages: list[dict]) -> str | JudgeCallError:
         try:
-            return self.client.chat(messages, temperature=self.temperature, max_tokens=self.max_tokens).text
+            reply = self.client.chat(messages, temperature=self.temperature, max_tokens=self.max_tokens)
         except net.RemoteError as e:
             return JudgeCallError(str(e))
+        return reply.text or ""    # no content: a reasoning model spent max_tokens thinking, an empty reply
 
     def _complete(self, messages_list: list[list[dict]]) -> list[str | JudgeCallError]:
         return self.client.map(self._post, messages_list)

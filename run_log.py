@@ -2,7 +2,8 @@
 
 `Logger` writes the records train.py makes per GRPO step and per held-out evaluation; `counters` and
 `counter_deltas` are the tools' and the judge's failure and usage counts that go into them, summed over the ranks:
-failures that training survives are counted here, never silently. report.py reads what this writes.
+failures that training survives are counted here, never silently. bench/compare_rewards.py and
+bench/bench_demo.py read what this writes.
 """
 from __future__ import annotations
 

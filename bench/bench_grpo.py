@@ -49,8 +49,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's flat modules
-from grpo import grpo_loss# noqa: E402
-from logprobs import token_logprobs# noqa: E402
+from grpo import grpo_loss  # noqa: E402
+from logprobs import token_logprobs  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- the methods compared
@@ -150,7 +150,7 @@ def bench_speed(args) -> None:
             lambda: grpo_step(token_logprobs, mask),
         "GRPO: token_logprobs + grpo_loss, every token trained": lambda: grpo_step(token_logprobs, every),
         "GRPO: previous method (full logits, chunked fp32), loss mask": lambda: grpo_step(previous_logprobs, mask),
-        "GRPO: checkpoint sketch (§3.7), loss mask": lambda: grpo_step(checkpoint_logprobs, mask),
+        "GRPO: checkpoint sketch (METHOD.md §8.3), loss mask": lambda: grpo_step(checkpoint_logprobs, mask),
     }
     times = {name: [] for name in variants}
     for rep in range(args.warmup + args.reps):                         # interleaved: noise hits all alike
@@ -177,7 +177,7 @@ def bench_speed(args) -> None:
 METHODS = {"new": token_logprobs, "previous": previous_logprobs, "checkpoint": checkpoint_logprobs,
            "naive": naive_logprobs}
 NAMES = {"new": "logprobs.token_logprobs (hidden states → log-probs, vocab-sliced backward)",
-         "previous": "previous: full logits + chunked fp32 log-softmax", "checkpoint": "checkpoint sketch (§3.7)",
+         "previous": "previous: full logits + chunked fp32 log-softmax", "checkpoint": "checkpoint sketch (METHOD.md §8.3)",
          "naive": "naive: full logits + fp32 log_softmax + gather"}
 
 

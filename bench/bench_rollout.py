@@ -116,12 +116,12 @@ class TimedEngine:
 
 # Direct callees of `rollout`, grouped: (category, substring of "file:function" in pstats' key).
 CATEGORIES = (("engine", "bench_rollout.py:generate"), ("parse", "atomic_thought.py:parse_turn"),
-              ("tools", "search_env.py:run"), ("glue tokenization", "search_env.py:tool_ids"),
+              ("tools", "tools.py:run"), ("glue tokenization", "search_env.py:tool_ids"),
               ("glue tokenization", "search_env.py:close_ids"), ("glue tokenization", "search_env.py:__init__"),
               ("glue tokenization", "search_env.py:prompt_ids"), ("final decode", ":decode"))
 # Inside Tools.run (functions only the tools call; whole cumulative time, as some are called from comprehensions).
-TOOL_PARTS = (("BM25 search", "retrievers.py:search"), ("format results", "search_env.py:format_results"),
-              ("truncate (tokenize)", "search_env.py:truncate"))
+TOOL_PARTS = (("BM25 search", "retrievers.py:search"), ("format results", "tools.py:format_results"),
+              ("truncate (tokenize)", "tools.py:truncate"))
 # Inside HFEngine.generate: transformers' generate vs the engine's own post-processing.
 ENGINE_PARTS = (("model.generate", "_contextlib.py:decorate_context"), ("log-prob gather", "engine.py:<listcomp>"),
                 ("batch_decode per token", ":batch_decode"), ("decode", ":decode"),

@@ -39,7 +39,7 @@ PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1}
 QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                   num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
                   tie_word_embeddings=True)
-# toy_world.build_tiny_model's default shape with the seed-0 toy vocabulary (no tokenizer needed to build it).
+# toy_model.build_tiny_model's default shape with the seed-0 toy vocabulary (no tokenizer needed to build it).
 TINY = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=758, max_position_embeddings=2048, tie_word_embeddings=True)
 

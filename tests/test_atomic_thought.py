@@ -137,3 +137,27 @@ def test_make_turn_requires_exactly_one_action():
     with pytest.raises(ValueError):
         make_turn([Atom("bad tag", "x")], answer="y")
     assert isinstance(make_turn([], answer="y"), Turn)
+
+
+def test_the_tag_vocabulary_is_defined_once_and_everything_else_derives_from_it():
+    """atomic_thought's tags reach the toy tokenizer, teacher and judge, the teacher's and the RRM's instructions
+    and the report's colours; no other file spells them (a new vocabulary is one edit)."""
+    import re
+    from pathlib import Path
+
+    import report
+    import rrm_reward
+    import teacher_data
+    import toy_model
+    import toy_world
+    from atomic_thought import CANONICAL_TAGS, STRUCTURAL_TAGS
+    assert tuple(report.TAG_COLORS) == CANONICAL_TAGS
+    assert (toy_world.OBSERVATION, toy_world.HYPOTHESIS, toy_world.RISK, toy_world.ACTION) == CANONICAL_TAGS
+    for tag in CANONICAL_TAGS:
+        assert f"<{tag}>" in teacher_data.TEACHER_INSTRUCTIONS and tag in rrm_reward.JUDGE_INSTRUCTIONS
+        assert {f"<{tag}>", f"</{tag}>", f" </{tag}>\n"} <= set(toy_model.FORMAT_TOKENS + toy_model.LAYOUT_TOKENS)
+    assert {f"<{t}>" for t in STRUCTURAL_TAGS} <= set(toy_model.FORMAT_TOKENS)
+    root = Path(__file__).resolve().parent.parent
+    spelled = [p.name for p in sorted(root.glob("*.py")) if p.name != "atomic_thought.py" and re.search(
+        r"[\"'<](OBSERVATION|HYPOTHESIS_TESTING|RISK_ANALYSIS)[\"'>]", p.read_text().split('if __name__ == "__main__"')[0])]
+    assert spelled == [], spelled   # a module's runnable demo (its __main__ block) may spell an example

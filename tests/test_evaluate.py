@@ -201,8 +201,11 @@ def judge_server():
                 return
             content = {"right": '<think>Same city.</think>{"verdict": "correct"}',
                        "wrong": 'The verdict: {"verdict": "incorrect"}', "garbled": "I cannot tell.",
-                       "flaky": "hmm" if calls[prediction] == 1 else "Correct"}[prediction]
-            data = json.dumps({"choices": [{"message": {"content": content}}]}).encode()
+                       "flaky": "hmm" if calls[prediction] == 1 else "Correct", "notchat": None}[prediction]
+            reply = {"choices": [{"message": {"content": content}}]}
+            if prediction == "notchat" and calls[prediction] == 1:
+                reply = {"object": "error", "message": "overloaded"}        # 200, but not a chat completion
+            data = json.dumps(reply).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
@@ -223,11 +226,11 @@ def test_answer_judge_verdicts_retries_and_key(judge_server, monkeypatch):
     url, calls, auth = judge_server
     monkeypatch.setenv("JUDGE_TEST_KEY", "sekrit-123")
     judge = AnswerJudge(url, "judge-model", api_key_env="JUDGE_TEST_KEY", retries=2, backoff_s=0.0, concurrency=4)
-    items = [("Capital of France?", ["Paris"], p) for p in ("right", "wrong", "garbled", "flaky", "boom")]
-    assert judge.judge(items) == ["correct", "incorrect", "unparseable", "correct", "error"]
-    assert calls == {"right": 1, "wrong": 1, "garbled": 3, "flaky": 2, "boom": 3}
+    items = [("Capital of France?", ["Paris"], p) for p in ("right", "wrong", "garbled", "flaky", "boom", "notchat")]
+    assert judge.judge(items) == ["correct", "incorrect", "unparseable", "correct", "error", "unparseable"]
+    assert calls == {"right": 1, "wrong": 1, "garbled": 3, "flaky": 2, "boom": 3, "notchat": 3}   # asked again
     assert set(auth) == {"Bearer sekrit-123"}
-    assert "sekrit" not in repr(vars(judge)) and judge.stats["unparseable"] == 1
+    assert "sekrit" not in repr(vars(judge)) and judge.stats["unparseable"] == 2
     with pytest.raises(ValueError, match="http"):
         AnswerJudge("localhost:8000", "m")
 

@@ -1,4 +1,4 @@
-"""The rule for what comes from the network (net.py, search_env.py, retrievers.py): hostile pages and server
+"""The rule for what comes from the network (net.py, tools.py, retrievers.py): hostile pages and server
 replies - malformed, mis-declared, redirecting, slow, huge - become failed tool calls, counted, never an exception
 out of `Tools.run` or `rollout`, never a call past its deadline, never a connection the address guard refused.
 
@@ -187,16 +187,15 @@ def toy():
 
 def test_hostile_judge_reader_serper_teacher_and_answer_judge_replies_never_raise(monkeypatch, toy):
     world, tokenizer = toy
-    teacher = ChatTeacherEngine("http://unused", "m", tokenizer, retries=0, timeout=2.0)
     ids = prompt_ids(tokenizer, world.splits["test"][0]["question"], system_prompt())
     bodies = hostile_json()
     server = json_server(bodies)
+    teacher = ChatTeacherEngine(server.url, "m", tokenizer, retries=0, timeout=2.0)
     monkeypatch.setenv("SERPER_API_KEY", "k" * 32)
     serper = SerperRetriever(endpoint=server.url, retries=0, timeout=2.0)
     judge = HTTPJudgeRRM(server.url, "m", max_retries=0, timeout_s=2.0)
     answers = AnswerJudge(server.url, "m", retries=0, timeout=2.0)
     reader = Tools(NoResults(), reader_url=server.url + "/v1", reader_model="m", reader_timeout=2.0)
-    teacher.url = server.url + "/v1/chat/completions"
     for _ in bodies:
         [completion] = teacher.generate([ids], SamplingParams(max_new_tokens=50))
         assert completion.error is None or completion.error.startswith("teacher")

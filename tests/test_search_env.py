@@ -1,4 +1,4 @@
-"""Tests of the search environment (retrievers.py and search_env.py): corpus parsing, BM25 and its on-disk index, the
+"""Tests of the search environment (retrievers.py and tools.py): corpus parsing, BM25 and its on-disk index, the
 /retrieve client, Serper parsing, browsing and its refusals, the query cache, and fault injection (the server's
 tests are in test_retrieval_server.py, hostile pages and replies in test_hostile.py).
 

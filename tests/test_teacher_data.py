@@ -192,16 +192,18 @@ def test_chat_teacher_restores_stop_strings_and_flags_bad_replies(world):
     replies = iter([{"choices": [{"message": {"content": "<think>\nx\n</think>\n<answer> y "}, "stop_reason":
                                   "</answer>", "finish_reason": "stop"}]},
                     {"choices": [{"message": {"content": "<think>\n" + "word " * 300}, "finish_reason": "length"}]},
-                    {"choices": []}])
+                    {"choices": []},
+                    {"choices": [{"message": {"content": None}, "finish_reason": "length"}]}])
     server = RawServer(lambda path, body: [http("200 OK", {"Content-Type": "application/json"},
                                                 json.dumps(next(replies)).encode())])
     teacher = ChatTeacherEngine(server.url, "m", tokenizer, retries=0)
     try:
         prompt = prompt_ids(tokenizer, "Where was Ka Lo Mi born?", "system")
-        ok, long, bad = (teacher._one(prompt, SamplingParams(max_new_tokens=64)) for _ in range(3))
+        ok, long, bad, empty = (teacher._one(prompt, SamplingParams(max_new_tokens=64)) for _ in range(4))
     finally:
         server.close()
-    assert server.hits == ["/v1/chat/completions"] * 3
+    assert server.hits == ["/v1/chat/completions"] * 4
+    assert empty.error == "teacher: the reply has no content" and empty.finish_reason == "error"   # retried later
     assert ok.text.endswith("</answer>") and ok.finish_reason == "stop" and ok.error is None
     assert long.finish_reason == "length" and len(long.token_ids) == 64
     assert bad.error == "teacher: the reply is not a chat completion" and bad.finish_reason == "error"

@@ -253,6 +253,9 @@ def test_startup_checks_name_the_flag_to_fix(tmp_path):
         (base + bm25 + ["--stage", "grpo", "--rrm-url", "http://127.0.0.1:9"], "--rrm-url"),
         (base + bm25 + ["--stage", "grpo", "--rrm-url", judge_url, "--rrm-model", "judge-b"], "--rrm-model"),
         (base + bm25 + ["--stage", "grpo", "--reward", "outcome", "--reader-url", judge_url], "--reader-url"),
+        (base + ["--retriever", "serper", "--reader-url", "reader:8000", "--reader-model", "m"], "--reader-url"),
+        (["--step-frac", "1.5"], "--step-frac"),
+        (["--clip-eps-high", "-0.1"], "--clip-eps-high"),
     ]
     try:
         for args, flag in cases:
