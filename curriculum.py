@@ -204,6 +204,66 @@ def trajectory_rewards(trajectories: list, rrm, alpha_t: float, normalization: s
     return rewards, f1, atrs
 
 
+# ----------------------------------------------------------------------------- how much signal each part carries
+DIAGNOSTIC_SUMS = ("groups", "f1_std_sum", "atr_groups", "atr_std_sum", "n_judged", "sum_a", "sum_f", "sum_aa",
+                   "sum_ff", "sum_af", "var_process", "var_rest", "outcome_flat", "rescued")
+
+
+def _std(xs: list[float]) -> float:            # population std of a group (0 for one value)
+    mean = sum(xs) / len(xs)
+    return math.sqrt(sum((x - mean) ** 2 for x in xs) / len(xs))
+
+
+def reward_sums(rewards: list[float], f1: list[float], atrs: list, format_ok: list[bool], alpha_t: float,
+                group_size: int) -> list[float]:
+    """Additive sums over a rollout batch's groups (DIAGNOSTIC_SUMS, in order), so that ranks can add theirs up
+    before `reward_diagnostics` turns them into ratios. The process part of R_i is p_i = α·ATR_i (0 where not
+    judged), the rest q_i = R_i − p_i; a group is "outcome-flat" when the reward with α = 0 (−1 if malformed, else
+    F1) is equal across it, and "rescued" when it is outcome-flat but its blended rewards are not: the groups that
+    get an advantage only because of the ATR (the reward-sparsity argument of arXiv 2508.12800 §3)."""
+    sums = dict.fromkeys(DIAGNOSTIC_SUMS, 0.0)
+    value = [a.value if a is not None else None for a in atrs]
+    for g in range(0, len(rewards), group_size):
+        idx = range(g, g + group_size)
+        sums["groups"] += 1
+        sums["f1_std_sum"] += _std([f1[i] for i in idx])
+        judged = [value[i] for i in idx if value[i] is not None]
+        if len(judged) >= 2:
+            sums["atr_groups"] += 1
+            sums["atr_std_sum"] += _std(judged)
+        process = [alpha_t * value[i] if value[i] is not None else 0.0 for i in idx]
+        sums["var_process"] += _std(process) ** 2
+        sums["var_rest"] += _std([rewards[i] - p for i, p in zip(idx, process)]) ** 2
+        outcome = [f1[i] if format_ok[i] else -1.0 for i in idx]
+        flat = max(outcome) == min(outcome)
+        sums["outcome_flat"] += flat
+        sums["rescued"] += flat and max(rewards[i] for i in idx) != min(rewards[i] for i in idx)
+    for a, f in ((value[i], f1[i]) for i in range(len(rewards)) if value[i] is not None):
+        sums["n_judged"] += 1
+        for key, x in (("sum_a", a), ("sum_f", f), ("sum_aa", a * a), ("sum_ff", f * f), ("sum_af", a * f)):
+            sums[key] += x
+    return [sums[k] for k in DIAGNOSTIC_SUMS]
+
+
+def reward_diagnostics(sums: list[float]) -> dict[str, float]:
+    """The step's reward diagnostics from `reward_sums` (added up over the ranks): mean within-group std of F1 and
+    of ATR, the Pearson correlation of ATR and F1 over the judged trajectories (nan when undefined), the ATR's share
+    of the within-group reward variance, Σ Var_g(p) / (Σ Var_g(p) + Σ Var_g(q)), and the counts of outcome-flat and
+    rescued groups."""
+    s = dict(zip(DIAGNOSTIC_SUMS, sums))
+    n = s["n_judged"]
+    cov = s["sum_af"] / n - s["sum_a"] * s["sum_f"] / n ** 2 if n else 0.0
+    var_a = s["sum_aa"] / n - (s["sum_a"] / n) ** 2 if n else 0.0
+    var_f = s["sum_ff"] / n - (s["sum_f"] / n) ** 2 if n else 0.0
+    nan = float("nan")
+    total = s["var_process"] + s["var_rest"]
+    return {"f1_group_std": s["f1_std_sum"] / s["groups"] if s["groups"] else nan,
+            "atr_group_std": s["atr_std_sum"] / s["atr_groups"] if s["atr_groups"] else nan,
+            "atr_f1_corr": cov / math.sqrt(var_a * var_f) if var_a > 1e-12 and var_f > 1e-12 else nan,
+            "atr_adv_share": s["var_process"] / total if total > 0 else nan,
+            "groups_outcome_flat": int(s["outcome_flat"]), "groups_rescued": int(s["rescued"])}
+
+
 def schedule_table(total_steps: int, schedule: str = "linear", alpha0: float = 0.5,
                    step_frac: float = 0.5, rows: int = 11) -> list[tuple[int, float]]:
     """(step, α) at `rows` evenly spaced steps from 0 to total_steps inclusive, for printing."""

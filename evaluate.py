@@ -19,13 +19,13 @@ scores), DIR/report.html (report.py), and prints the paper's Table 1 with our ro
    without tools contains a golden answer) to DIR/train.jsonl, so a training run is reproducible offline.
 2. The agent: greedy decoding through search_env.rollout, the training prompt and limits (`--toy` sets the toy's);
    tools: web_search alone for BM25 / a retrieval server, web_search + browse_webpage for Serper (web pages).
-3. Metrics per benchmark: set-F1 and EM (curriculum.py; a format error scores 0), the judge's accuracy (`--judge-url`: an
-   OpenAI-compatible endpoint; our prompt, in the spirit of DeepResearcher's: question, golden list, prediction ->
-   correct/incorrect; an unparseable verdict is counted and not correct), and what the paper compares at test time:
-   response tokens (sampled, mask-1 tokens per question), think tokens (our count: the sampled tokens of each turn
-   before its `</think>`; the forced `<think>` is not sampled; a turn that never closes it is all think), atomic
-   thoughts per parsed turn, tool calls per question, and finish reasons. `--rrm-url` adds the RRM's score to every
-   atomic thought, for viewing only (`--rrm-url toy`: the toy world's oracle).
+3. Metrics per benchmark: set-F1 and EM (curriculum.py; a format error scores 0), the judge's accuracy
+   (`--judge-url`: an OpenAI-compatible endpoint; our prompt, in the spirit of DeepResearcher's: question, golden list,
+   prediction -> correct/incorrect; an unparseable verdict is counted and not correct), and what the paper compares at
+   test time: response tokens (sampled, mask-1 tokens per question), think tokens (our count: the sampled tokens of
+   each turn before its `</think>`; the forced `<think>` is not sampled; a turn that never closes it is all think),
+   atomic thoughts per parsed turn, tool calls per question, and finish reasons. `--rrm-url` adds the RRM's score to
+   every atomic thought, for viewing only (`--rrm-url toy` or `toy-blind`: the toy world's judges, toy_judge.py).
 
 The outcome metric, F1 and EM, is curriculum.py's (the training reward's): DeepResearcher's normalization by default,
 `--answer-normalization unicode` for the Unicode-aware variant (METHOD.md §3.2).
@@ -115,8 +115,8 @@ class AnswerJudge:
     """LLM-as-judge accuracy (DeepResearcher's "MBE") through an OpenAI-compatible chat endpoint (net.ChatClient).
 
     Verdicts: correct | incorrect (also, without a call, for no answer) | unparseable (no verdict, or a reply that
-    is not a chat completion, after `retries` extra tries) | error (the endpoint failed after post_json's retries). The API key is read from $`api_key_env`
-    at each call and kept nowhere.
+    is not a chat completion, after `retries` extra tries) | error (the endpoint failed after post_json's retries).
+    The API key is read from $`api_key_env` at each call and kept nowhere.
     """
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY", retries: int = 2,
@@ -290,7 +290,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--judge-url", help="OpenAI-compatible endpoint of the answer judge (accuracy)")
     p.add_argument("--judge-model", default="gpt-4o-mini", help="the answer judge's model (DeepResearcher's)")
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's key")
-    p.add_argument("--rrm-url", help="endpoint of the RRM scoring each atomic thought (for viewing), or `toy`")
+    p.add_argument("--rrm-url",
+                   help="endpoint of the RRM scoring each atomic thought (for viewing), or `toy` / `toy-blind`")
     p.add_argument("--rrm-model", default="Qwen/Qwen3-30B-A3B", help="the RRM's model (the paper's report)")
     # training data
     p.add_argument("--make-train-data", metavar="SPEC", help="write training questions (hub mix or jsonl paths, "
@@ -364,7 +365,9 @@ def main(argv: list[str] | None = None) -> None:
     rrm = None
     if args.rrm_url:
         from rrm_reward import HTTPJudgeRRM
-        rrm = tw.ToyOracleRRM() if args.rrm_url == "toy" else HTTPJudgeRRM(args.rrm_url, args.rrm_model)
+        from toy_judge import ToyRRM
+        toy = {"toy": "oracle", "toy-blind": "blind"}.get(args.rrm_url)
+        rrm = ToyRRM(toy) if toy else HTTPJudgeRRM(args.rrm_url, args.rrm_model)
     from engine import SamplingParams
     records = evaluate_questions(engine, tools, questions[rank::world_size], tokenizer=tokenizer,
                                  params=SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens),

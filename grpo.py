@@ -96,7 +96,9 @@ def loss_mask(policy_mask: torch.Tensor, response_mask: torch.Tensor, use_loss_m
     policy_mask:   1 where the policy sampled the token (Trajectory.mask), 0 for tool responses, glue, pads.
     response_mask: 1 on every real token after the prompt (policy and tool tokens), 0 on prompt and pads.
     use_loss_mask=False trains on tool-response tokens too, the ablation Atom-Searcher's masking is compared
-    against. Either way position 0 should be 0: it has no prediction (`token_logprobs` gives it 0.0).
+    against: their gradient is then the plain policy gradient −A·∇log π, since the engine did not sample them and
+    TIS gives them the neutral weight 1 (`grpo_loss`'s `sampled`; the rollout's log-prob 0.0 there would make the
+    weight min(π, C) = π). Either way position 0 should be 0: it has no prediction (`token_logprobs` gives it 0.0).
     """
     if policy_mask.shape != response_mask.shape:
         raise ValueError(f"policy_mask {tuple(policy_mask.shape)} and response_mask "
@@ -108,7 +110,7 @@ def loss_mask(policy_mask: torch.Tensor, response_mask: torch.Tensor, use_loss_m
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
               n_tokens, clip_eps_low: float = 0.2, clip_eps_high: float = 0.2,
-              sampler_logp: torch.Tensor | None = None, tis_cap: float = 2.0,
+              sampler_logp: torch.Tensor | None = None, tis_cap: float = 2.0, sampled: torch.Tensor | None = None,
               ref_logp: torch.Tensor | None = None, kl_beta: float = 0.0):
     """The GRPO loss of one micro-batch and a dict of float stats. All (B, T) tensors share one alignment.
 
@@ -120,6 +122,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
                   Σ over micro-batches of backward(loss) is the gradient of the step's token-mean.
     clip_eps_*:   ε_low, ε_high of the ratio clip; 0.2/0.2 is GRPO's, 0.2/0.28 DAPO's clip-higher.
     sampler_logp: the rollout engine's log-probs for TIS with cap `tis_cap`; None disables it.
+    sampled:      1 where the engine sampled the token, so `sampler_logp` means something (default: `mask`). A
+                  trained token it did not sample (a tool token under --no-loss-mask) gets the neutral weight 1.
     ref_logp, kl_beta: the k3 KL penalty to the reference; off when either is None / 0.
 
     Stats (floats, over this micro-batch's mask-1 tokens; the caller weights them by "tokens" to combine):
@@ -129,7 +133,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     """
     if logp.dim() != 2:
         raise ValueError(f"logp must be (B, T), got shape {tuple(logp.shape)}")
-    for name, x in (("old_logp", old_logp), ("mask", mask), ("sampler_logp", sampler_logp), ("ref_logp", ref_logp)):
+    for name, x in (("old_logp", old_logp), ("mask", mask), ("sampler_logp", sampler_logp), ("ref_logp", ref_logp),
+                    ("sampled", sampled)):
         if x is not None and x.shape != logp.shape:
             raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(logp.shape)} like logp")
     if advantages.shape not in (logp.shape[:1], logp.shape):
@@ -156,7 +161,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
 
     tis = torch.ones_like(lp_d)
     if sampler_logp is not None:                                       # w = sg[min(π_old / π_sampler, C)]
-        tis = torch.exp(old - torch.where(m, sampler_logp.detach(), old)).clamp(max=tis_cap).detach()
+        s = m if sampled is None else m & sampled.bool()               # tokens the engine sampled, and trained
+        tis = torch.exp(old - torch.where(s, sampler_logp.detach(), old)).clamp(max=tis_cap).detach()
     per_pg = tis * pg                                                  # (B, T) w · pg
     per_token = per_pg
 
@@ -204,6 +210,7 @@ class Row:
     mask: list[int]              # 1 = trained on (loss_mask of Trajectory.mask); 0 over the prompt
     sampler_logp: list[float]    # the rollout engine's log-probs, for TIS; 0.0 where it sampled nothing
     advantage: float
+    sampled: list[int]           # 1 where the engine sampled the token (Trajectory.mask); TIS acts there only
 
 
 def training_rows(trajectories: list, advantages: list[float], *, use_loss_mask: bool = True) -> list[Row]:
@@ -213,7 +220,8 @@ def training_rows(trajectories: list, advantages: list[float], *, use_loss_mask:
     for t, a in zip(trajectories, advantages, strict=True):
         P = len(t.prompt_ids)
         trained = loss_mask(torch.tensor(t.mask), torch.ones(len(t.ids), dtype=torch.long), use_loss_mask)
-        rows.append(Row(t.prompt_ids + t.ids, [0] * P + trained.tolist(), [0.0] * P + t.logprobs, float(a)))
+        rows.append(Row(t.prompt_ids + t.ids, [0] * P + trained.tolist(), [0.0] * P + t.logprobs, float(a),
+                        [0] * P + t.mask))
     return rows
 
 
@@ -234,14 +242,14 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch
     return input_ids, attention_mask, mask
 
 
-def micro_batches(rows: list, budget: int) -> list[list]:
-    """Pack rows (each starting with its token ids), sorted by length, into micro-batches of at most `budget`
-    padded tokens; a row longer than the budget gets a micro-batch of its own. SFT and GRPO both use it, so a
-    micro-batch's activations and logits scale with its tokens, not with its number of rows."""
-    rows = sorted(rows, key=lambda r: len(r[0]))
+def micro_batches(rows: list, budget: int, length=lambda row: len(row[0])) -> list[list]:
+    """Pack rows, sorted by `length` (default: of their first item, the token ids), into micro-batches of at most
+    `budget` padded tokens; a row longer than the budget gets a micro-batch of its own. SFT and GRPO both use it, so
+    a micro-batch's activations and logits scale with its tokens, not with its number of rows."""
+    rows = sorted(rows, key=length)
     out, current = [], []
     for r in rows:
-        if current and (len(current) + 1) * len(r[0]) > budget:
+        if current and (len(current) + 1) * length(r) > budget:
             out.append(current)
             current = []
         current.append(r)
@@ -261,26 +269,27 @@ def grpo_update(model, optimizer, rows: list[Row], *, n_tokens: int, pad_id: int
     means (the rest)."""
     if n_tokens == 0:                               # every group had equal rewards: nothing to learn from
         return {"loss": 0.0, "grad_norm": 0.0, "skipped": 1, "tokens": 0}
-    mbs = micro_batches([(r.ids, r.mask, r.sampler_logp, r.advantage) for r in rows], micro_batch_tokens)
-    padding = [([pad_id, pad_id], [0, 0], [0.0, 0.0], 0.0)]
+    mbs = micro_batches(rows, micro_batch_tokens, length=lambda row: len(row.ids))
+    padding = [Row([pad_id, pad_id], [0, 0], [0.0, 0.0], 0.0, [0, 0])]
     if max_count is not None:
         mbs += [padding] * (max_count(len(mbs)) - len(mbs))
     device = next(model.parameters()).device
     model.train()
     stats_sum = {}
     for mb in mbs:
-        input_ids, attention_mask, mask = (x.to(device) for x in collate([(ids, m) for ids, m, _, _ in mb], pad_id))
+        input_ids, attention_mask, mask = (x.to(device) for x in collate([(r.ids, r.mask) for r in mb], pad_id))
+        sampled = collate([(r.ids, r.sampled) for r in mb], pad_id)[2].to(device)   # (B, T) 1 = the engine sampled it
         sampler = torch.zeros_like(mask)                                 # (B, T) the engine's log-probs, for TIS
-        for i, (_, _, logp_sampled, _) in enumerate(mb):
-            sampler[i, :len(logp_sampled)] = torch.tensor(logp_sampled)
-        adv = torch.tensor([a for _, _, _, a in mb], device=device)     # (B,)
+        for i, r in enumerate(mb):
+            sampler[i, :len(r.sampler_logp)] = torch.tensor(r.sampler_logp)
+        adv = torch.tensor([r.advantage for r in mb], device=device)    # (B,)
         logp = token_logprobs(model, input_ids, attention_mask, temperature=temperature)
         ref_logp = None
         if ref_model is not None:
             with torch.no_grad():
                 ref_logp = token_logprobs(ref_model, input_ids, attention_mask, temperature=temperature)
         loss, stats = grpo_loss(logp, logp.detach(), adv, mask, n_tokens=n_tokens, sampler_logp=sampler,
-                                ref_logp=ref_logp, kl_beta=kl_beta, clip_eps_low=clip_eps_low,
+                                sampled=sampled, ref_logp=ref_logp, kl_beta=kl_beta, clip_eps_low=clip_eps_low,
                                 clip_eps_high=clip_eps_high)
         (loss * loss_scale).backward()
         if mb is padding:
@@ -289,7 +298,8 @@ def grpo_update(model, optimizer, rows: list[Row], *, n_tokens: int, pad_id: int
             if k in ("ratio_min", "ratio_max"):
                 stats_sum[k] = (min if k == "ratio_min" else max)(stats_sum.get(k, v), v)
             else:
-                stats_sum[k] = stats_sum.get(k, 0.0) + (v if k in ("loss", "pg_loss", "tokens") else v * stats["tokens"])
+                summed = k in ("loss", "pg_loss", "tokens")
+                stats_sum[k] = stats_sum.get(k, 0.0) + (v if summed else v * stats["tokens"])
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
     finite = math.isfinite(grad_norm) and math.isfinite(stats_sum.get("loss", 0.0))   # else skip the step
     if finite:

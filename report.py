@@ -1,4 +1,4 @@
-"""How an evaluation is shown: the paper's Table 1 with our row, and one HTML page of every trajectory.
+"""How a run is shown: the paper's Table 1 with our row, one HTML page of every trajectory, training curves.
 
 evaluate.py computes; this file only presents what it wrote (metrics.json and the trajectory records):
 - `markdown_table1`: F1 ×100 laid out as Table 1 of the paper (METHOD.md §5) - the seven benchmarks as columns,
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -330,9 +331,85 @@ def read_run(run: str | Path) -> tuple[dict, list, list[str]]:
     return metrics, records, where
 
 
+# ----------------------------------------------------------------------------- a training run's curves
+CURVES = (("reward", "reward (R)"), ("f1", "rollout F1"), ("atr", "ATR"), ("alpha", "α (ATR weight)"),
+          ("tool_calls", "tool calls per episode"), ("format_ok", "well-formed share"))
+DIAGNOSTICS = (("f1_group_std", "within-group std of F1"), ("atr_group_std", "within-group std of ATR"),
+               ("atr_f1_corr", "ATR-F1 correlation"), ("atr_adv_share", "ATR's share of reward variance"),
+               ("groups_outcome_flat", "outcome-flat groups"), ("groups_rescued", "groups rescued by the ATR"))
+
+
+def run_records(run: str | Path) -> tuple[list[dict], list[dict]]:
+    """(per-step records, held-out evaluation records) of a train.py --out folder's metrics.jsonl; a torn or
+    unreadable line is skipped (run_log.logged_record)."""
+    from run_log import logged_record
+    path = Path(run) / "metrics.jsonl"
+    try:
+        lines = path.read_text(errors="replace").splitlines(keepends=True)
+    except OSError as e:
+        raise SystemExit(f"{path}: cannot read it ({type(e).__name__}: {e})") from None
+    records = [r for r in map(logged_record, lines) if r is not None]
+    return [r for r in records if "eval" not in r], [r for r in records if "eval" in r]
+
+
+def plot_panels(path: Path, panels, series: dict[str, list[tuple[list[int], list[float], list[float] | None]]],
+                title: str) -> Path:
+    """One PNG of small panels, one per (key, label) of `panels`; `series[key]` holds (steps, means, band or None)
+    per line, the band drawn as mean ± it (over seeds, in bench/ablation.py)."""
+    import matplotlib
+    matplotlib.use("Agg")                          # files only, no display
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), squeeze=False)
+    for ax, (key, label) in zip(axes.flat, panels):
+        lines = series.get(key, {})
+        for name, (steps, mean, band) in lines.items():
+            style = dict(marker="o", linestyle="--") if name.startswith("held-out") else {}
+            line, = ax.plot(steps, mean, label=name, linewidth=1.5, **style)
+            if band is not None:
+                ax.fill_between(steps, [m - b for m, b in zip(mean, band)], [m + b for m, b in zip(mean, band)],
+                                color=line.get_color(), alpha=0.2, linewidth=0)
+        if all(math.isnan(v) for _, mean, _ in lines.values() for v in mean):
+            ax.text(0.5, 0.5, "not logged by this run", ha="center", va="center", transform=ax.transAxes)
+        if len(lines) > 1 and len(series.get(panels[0][0], {})) <= 1:
+            ax.legend(fontsize=7)                  # this panel's own extra line (held-out F1)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("GRPO step", fontsize=8)
+        ax.grid(alpha=0.3)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if len(labels) > 1:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=9)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.05 if len(labels) > 1 else 0, 1, 0.96))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_run(run: str | Path) -> list[Path]:
+    """`python report.py plot RUN`: RUN/curves.png (reward, F1, ATR, α, tool calls, format per step, with the
+    held-out F1 of each evaluation on the F1 panel) and RUN/diagnostics.png (curriculum.reward_diagnostics)."""
+    run = Path(run)
+    steps, evals = run_records(run)
+    if not steps:
+        raise SystemExit(f"{run / 'metrics.jsonl'}: no GRPO step logged yet")
+    x = [r["step"] for r in steps]
+
+    def series(keys):
+        return {key: {"this run": (x, [float(r.get(key, float("nan"))) for r in steps], None)} for key, _ in keys}
+    curves = series(CURVES)
+    if evals:
+        curves["f1"]["held-out F1"] = ([r["step"] for r in evals], [r["eval"]["all"]["f1"] / 100 for r in evals], None)
+    return [plot_panels(run / "curves.png", CURVES, curves, f"{run}: training curves"),
+            plot_panels(run / "diagnostics.png", DIAGNOSTICS, series(DIAGNOSTICS), f"{run}: reward diagnostics")]
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "plot":
+        print("wrote " + ", ".join(map(str, plot_run(sys.argv[2]))))
+        sys.exit()
     if len(sys.argv) != 2:
-        sys.exit("usage: python report.py DIR   (DIR holds metrics.json and trajectories.jsonl from evaluate.py)")
+        sys.exit("usage: python report.py DIR        (DIR holds metrics.json and trajectories.jsonl from evaluate.py)\n"
+                 "       python report.py plot RUN   (RUN is a train.py --out folder: curves.png, diagnostics.png)")
     run_dir = Path(sys.argv[1])
     write_report(run_dir / "report.html", *read_run(run_dir))
     print(f"wrote {run_dir / 'report.html'}")

@@ -35,7 +35,7 @@ Backends (all `RRM.score(trajectories) -> list[ATR]`):
   once from a bounded thread pool over one pooled requests.Session. The API key comes from an environment
   variable (default OPENAI_API_KEY; unset = no auth header) and never appears in reprs, stats or errors.
 - `EngineRRM`: in-process through an engine.py engine and its tokenizer's chat template (one machine).
-- `toy_world.ToyOracleRRM` (toy world only): a rule-based stand-in for the LLM judge, on this interface.
+- `toy_judge.ToyRRM` (toy world only): rule-based stand-ins for the LLM judge, on this interface.
 
 Not covered: calibration of the judge's scale, caching of repeated trajectories, judging tool choice
 separately from thoughts. Run `python rrm_reward.py` to print the judge prompt of an example trajectory.

@@ -158,10 +158,11 @@ def check_same_tokenizer(checkpoint: Path | None, sft_dir: Path, tokenizer) -> N
 
 # ----------------------------------------------------------------------------- the run's parts
 def setup_toy(args, d: Dist) -> dict:
-    """The embedded default: toy world, tokenizer, tiny model, BM25 over its corpus, oracle judge."""
+    """The embedded default: toy world, tokenizer, tiny model, BM25 over its corpus, a toy judge (--toy-judge)."""
     import toy_model
     import toy_world as tw   # the embedded default, wired in here only
     from retrievers import BM25Retriever
+    from toy_judge import ToyRRM
     world = tw.build_world(args.seed)
     tokenizer = tw.build_tokenizer(world)
     model = toy_model.build_tiny_model(tokenizer, seed=args.seed)
@@ -179,7 +180,7 @@ def setup_toy(args, d: Dist) -> dict:
     tools = Tools(BM25Retriever(corpus), topk=args.topk, tokenizer=tokenizer)
     test = [{**q, "benchmark": q["metadata"]["type"]} for q in world.splits["test"][:args.eval_limit]]  # by type
     return dict(world=world, tokenizer=tokenizer, model=model, engine=engine, tools=tools,
-                rrm=tw.ToyOracleRRM(aggregation=args.atr_aggregation),
+                rrm=ToyRRM(args.toy_judge, aggregation=args.atr_aggregation),
                 system=tw.SYSTEM, tool_names=tw.TOOLS, train=world.splits["train"], test=test, sft_examples=None)
 
 

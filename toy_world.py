@@ -2,7 +2,7 @@
 
 A seeded synthetic knowledge base of fictional people, cities, countries and companies, rendered as a
 FlashRAG-format passage corpus, with questions an agent can only answer by searching it, its scripted teacher, its
-rule judge, its defaults (episode limits, topk, system prompt, the teacher's flaws), and a byte-level BPE tokenizer
+defaults (episode limits, topk, system prompt, the teacher's flaws), and a byte-level BPE tokenizer
 trained on its text for toy_model.py's ~0.5M-parameter Qwen2 (the same code path as Qwen2.5-7B). Nothing here exists
 in the paper: it is our stand-in for Wikipedia + NQ/HotpotQA, an LLM teacher and an LLM judge, so that
 `python train.py` shows SFT -> GRPO learning in minutes (METHOD.md §10). No module of the method imports it: the
@@ -37,9 +37,7 @@ syllable after a quote would be a different token); and its observations quote t
 short, because the demo's time is proportional to its tokens: one result per search, a one-line system prompt,
 and the tool call's fixed JSON start as one token (`TOOL_CALL_PREFIX`).
 
-The judge (`oracle_atom_scores`, behind rrm_reward's interface as `ToyOracleRRM`) scores each atomic thought by
-rule against the question's gold chain. It knows what an LLM judge would not (the chain, hence the golden answer):
-read the toy's blend-vs-outcome comparisons with that in mind.
+Its judges, rules standing in for the LLM judge, are in toy_judge.py.
 
 What this world does not model: paraphrase, ambiguity, noisy or contradictory sources, long documents.
 
@@ -53,14 +51,12 @@ import hashlib
 import json
 import os
 import random
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from atomic_thought import CANONICAL_TAGS, THINK_PREFIX, Atom, ToolCall, Turn, make_turn, render_messages, render_turn
 from engine import Completion
 from qa_data import write_jsonl
-from rrm_reward import ATR, RRM
 from toy_model import build_tiny_model, cached_tokenizer
 
 SYLLABLES = ("Ba Da Fe Gi Ka Lu Mo Ni Pa Ri Sa Tu Ve Zo Bi Du Fo Ga Ke Li "
@@ -316,81 +312,6 @@ class ToyTeacherEngine:
                                       add_special_tokens=False)["input_ids"][:params.max_new_tokens]
             out.append(Completion(turn_ids, [self.sampler_logprob] * len(turn_ids), "stop",
                                   self.tokenizer.decode(turn_ids)))
-        return out
-
-
-# ----------------------------------------------------------------------------- the oracle judge
-def _names(text: str, entity: str) -> bool:
-    """Whole-word mention: "Ka Lo Mi" in "... of Ka Lo Mi." but not in "Ka Lo Mira"."""
-    return re.search(rf"(?<!\w){re.escape(entity)}(?!\w)", text) is not None
-
-
-def oracle_atom_scores(turns: list[Turn], tool_responses: list[str], metadata: dict) -> list[tuple[float, str]]:
-    """Score every atomic thought 0-10 against the question's gold chain: (score, reason) per atom, in order.
-
-    The toy world's stand-in for the Reasoning Reward Model (our rule, not the paper's judge). Before turn k
-    the agent has *retrieved* hop i when an earlier tool response holds both the hop's entity and its value
-    (the gold passage does). Then:
-      OBSERVATION        10 if it names what the agent should be looking at (the subject before any
-                         retrieval, else the newest retrieved value), 5 for another relevant entity, else 0;
-      HYPOTHESIS_TESTING 10 if it holds the newest retrieved value (the bridge entity, or the answer once
-                         the last hop is in), or the subject before any retrieval; else 0;
-      ACTION             10 if it targets the next needed hop (searches its entity) or, when every hop is
-                         retrieved, answers with the final value; else 0;
-      RISK_ANALYSIS      5: a rule cannot judge it, so it is neutral;
-      other tags         0: the toy format uses the four canonical tags.
-    A premature answer thus loses the HYPOTHESIS and ACTION points of its last turn, and a search for a
-    misspelt name loses the ACTION point, even when no F1 distinguishes them (the sparse-outcome regime).
-    """
-    hops, subject = metadata["hops"], metadata["subject"]
-    scored = []
-    for k, turn in enumerate(turns):
-        seen = tool_responses[:k]
-        got = [i for i, h in enumerate(hops)
-               if any(_names(r, h["search"]) and _names(r, h["value"]) for r in seen)]
-        n_done = 0
-        while n_done < len(hops) and n_done in got:   # hops count in chain order only
-            n_done += 1
-        focus = hops[n_done - 1]["value"] if n_done else subject
-        relevant = [subject] + [h["value"] for h in hops[:n_done]]
-        for atom in turn.atoms:
-            if atom.tag == OBSERVATION:
-                score = 10 if _names(atom.text, focus) else 5 if any(_names(atom.text, e) for e in relevant) else 0
-                reason = f"observes {focus}" if score == 10 else f"does not name {focus}"
-            elif atom.tag == HYPOTHESIS:
-                score = 10 if _names(atom.text, focus) else 0
-                reason = f"holds {focus}" if score else f"misses {focus}"
-            elif atom.tag == ACTION:
-                if n_done == len(hops):
-                    target, ok = hops[-1]["value"], turn.answer is not None and _names(atom.text, hops[-1]["value"])
-                else:
-                    target = hops[n_done]["search"]
-                    ok = turn.tool_call is not None and _names(atom.text, target)
-                score, reason = (10, f"acts on {target}") if ok else (0, f"should act on {target}")
-            elif atom.tag == RISK:
-                score, reason = 5, "neutral: not judged by the oracle"
-            else:
-                score, reason = 0, f"unknown tag {atom.tag}"
-            scored.append((float(score), reason))
-    return scored
-
-
-class ToyOracleRRM(RRM):
-    """The LLM judge's stand-in for the toy world (CPU demo, ablations): `oracle_atom_scores` behind rrm_reward's
-    interface (ATR = aggregate of the scores / 10, well-formed trajectories only, counted in `stats`).
-
-    Not an LLM and not the paper's RRM: it checks each atom against the question's gold chain in
-    `trajectory.metadata` (right entity observed, bridge entity held once it has been retrieved, action on the next
-    needed hop, and an answering ACTION that names the chain's final value). An LLM judge sees neither the chain nor
-    the golden answer, so this judge knows more than the paper's (METHOD.md §10).
-    """
-
-    def _judge(self, trajectories: list) -> list[ATR]:
-        out = []
-        for t in trajectories:
-            scored = oracle_atom_scores(t.turns, t.tool_responses, t.metadata)
-            self.stats["calls"] += 1
-            out.append(self._atr(t, [s for s, _ in scored], [r for _, r in scored]))
         return out
 
 

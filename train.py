@@ -13,7 +13,7 @@ Run it:
         --sft-data sft.jsonl --retriever http://host:8000 --rrm-url http://judge:8001 --rrm-model Qwen/Qwen3-30B-A3B \\
         --eval-data nq.jsonl,hotpotqa.jsonl --query-cache cache.sqlite
 With no --model the embedded default runs: the toy world (toy_world.py) with its tiny Qwen2, scripted-teacher SFT
-data, the toy oracle as judge (toy_world.ToyOracleRRM) and the toy presets below; with --model the paper's
+data, a rule judge (toy_judge.ToyRRM, --toy-judge) and the toy presets below; with --model the paper's
 values (METHOD.md §4) are the defaults. Every flag overrides either. The README's "Real run" goes from questions to
 teacher data (`python teacher_data.py`) to this command to `python evaluate.py`; tests/test_real_run.py runs
 exactly that on CPU with tiny sizes. Every startup check (the model's chat template and positions, the data, the
@@ -30,20 +30,22 @@ need no communication; the mask-token count of the step is all-reduced once; mic
 --micro-batch-tokens padded tokens and their counts are equalized across ranks; metrics are all-reduced and rank 0
 logs; checkpoints are DCP (resumable on another world size), the SFT and final models are bf16 HF exports.
 
-Our choices where the paper is silent, most of them a flag (METHOD.md §6 lists them with their reasons): toy presets (with a
-first-turn SFT warm-up that lets the tiny model learn to copy names, --sft-warmup-steps; 0 for real models); TIS on;
-KL only when --kl-beta > 0 (then the SFT model's bf16 export is loaded as the frozen reference, also after
+Our choices where the paper is silent, most of them a flag (METHOD.md §6 lists them with their reasons): toy presets
+(with a first-turn SFT warm-up that lets the tiny model learn to copy names, --sft-warmup-steps; 0 for real models);
+TIS on; KL only when --kl-beta > 0 (then the SFT model's bf16 export is loaded as the frozen reference, also after
 --resume); groups whose rewards are all equal are dropped from the update; held-out evaluation every 50 steps; the
 process-group timeout (--dist-timeout, 120 minutes) and --keep-checkpoints 2. The tinkerer's knobs:
 --schedule/--step-frac/--alpha0 (the curriculum), --atr-aggregation (the ATR), --adv-scale (Dr. GRPO),
---clip-eps-high (DAPO's clip-higher), --no-loss-mask, --keep-zero-adv and --answer-normalization; `python train.py
---help` shows them in groups.
+--clip-eps-high (DAPO's clip-higher), --no-loss-mask, --keep-zero-adv and --answer-normalization, and on the toy
+--toy-judge and --toy-types; `python train.py --help` shows them in groups.
 
-Logging: one line per step on rank 0 and a metrics.jsonl record with every reward component, the finish reasons and
-the tools' and judge's counters of the step (searches, failures, cache hits, judge calls and fallbacks), summed over
-the ranks, and on GPUs the trainer's peak memory in the rollout and the update (mem_rollout_gb, mem_update_gb);
-held-out questions (--eval-data, or the toy's test split) are evaluated greedily after SFT, every
---eval-every GRPO steps and at the end, sharded over the ranks, F1/EM per benchmark as {"step", "eval"} records.
+Logging: one line per step on rank 0 and a metrics.jsonl record with every reward component, the reward diagnostics
+(curriculum.reward_diagnostics: within-group spread of F1 and ATR, their correlation, the ATR's share of the reward
+variance, outcome-flat and rescued groups), the finish reasons and the tools' and judge's counters of the step
+(searches, failures, cache hits, judge calls and fallbacks), summed over the ranks, and on GPUs the trainer's peak
+memory in the rollout and the update (mem_rollout_gb, mem_update_gb); held-out questions (--eval-data, or the toy's
+test split) are evaluated greedily after SFT, every --eval-every GRPO steps and at the end, sharded over the ranks,
+F1/EM per benchmark as {"step", "eval"} records.
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ import torch.distributed as dist
 
 import toy_world as tw
 import toy_model
-from curriculum import NORMALIZATIONS, SCHEDULES, alpha, trajectory_rewards
+from curriculum import NORMALIZATIONS, SCHEDULES, alpha, reward_diagnostics, reward_sums, trajectory_rewards
 from distributed import (CheckpointError, Dist, export_hf, generation_copy, load_checkpoint, load_model,
                          named_full_tensors, peak_memory, prepare_model, reset_peak_memory, save_checkpoint,
                          sft_collectives, verify_checkpoint)
@@ -131,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reader-url", default=None, help="page reader LLM of browse_webpage (with --retriever serper)")
     g.add_argument("--reader-model", default=None, help="the page reader's model name at --reader-url")
     g.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto", help="rollout engine")
+    g.add_argument("--toy-types", default=None,
+                   help="toy: GRPO on these question types only, e.g. mentor_city (SFT and evaluation keep all)")
     g.add_argument("--max-turns", type=int, help="turns per episode (paper: 10)")
     g.add_argument("--max-new-tokens", type=int, help="new tokens per turn (paper: 2000)")
     g.add_argument("--max-context", type=int, help="tokens per trajectory (paper: 32k, capped by the model's)")
@@ -147,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--answer-normalization", choices=NORMALIZATIONS, default="deepresearcher",
                    help="F1/EM normalization: DeepResearcher's (the paper's tables) or unicode (METHOD.md §3.2)")
     g.add_argument("--rrm-url", default=None, help="OpenAI-compatible judge endpoint (real runs)")
+    g.add_argument("--toy-judge", choices=("oracle", "blind"), default="oracle",
+                   help="the toy's judge (toy_judge.py): oracle knows the gold chain; blind sees what an LLM judge "
+                        "would (question, atoms, retrieved text); bench/ablation.py uses blind")
     g.add_argument("--rrm-model", default="Qwen/Qwen3-30B-A3B", help="judge model name at --rrm-url")
     g.add_argument("--rrm-max-tokens", type=int, default=4096, help="judge reply budget, its reasoning included")
     g = p.add_argument_group("optimization")
@@ -185,6 +192,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     if not 0.0 <= args.step_frac <= 1.0:
         fail("--step-frac", f"must be in [0, 1] (a fraction of --grpo-steps), got {args.step_frac}")
+    if args.toy_types and (args.model is not None or not set(args.toy_types.split(",")) <= set(tw.QUESTION_TYPES)):
+        fail("--toy-types", f"the toy world's question types, comma-separated, from {tw.QUESTION_TYPES} (not with "
+                            f"--model); got {args.toy_types!r}")
     if args.clip_eps_high < 0:
         fail("--clip-eps-high", f"must be >= 0, got {args.clip_eps_high}")
     if args.reward == "outcome":
@@ -361,6 +371,8 @@ def main(argv=None) -> dict:
                      prepare_model(toy_model.build_tiny_model(tokenizer, seed=args.seed).requires_grad_(False).eval(),
                                    d, trainable=False))    # the toy without SFT: its initial weights, rebuilt
     params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    types = args.toy_types and args.toy_types.split(",")
+    pool = [q for q in env["train"] if q["metadata"]["type"] in types] if types else env["train"]
     per_rank = args.prompts_per_step // d.world
     consecutive_skips, t_eval = 0, 0.0
     bar = None
@@ -375,7 +387,7 @@ def main(argv=None) -> dict:
         reset_peak_memory(d)
         synced_engine()   # before every rollout, step 0 included
         t_sync = time.perf_counter()
-        picked = data_rng.sample(env["train"], args.prompts_per_step)       # same draw on every rank
+        picked = data_rng.sample(pool, args.prompts_per_step)               # same draw on every rank
         questions = picked[d.rank * per_rank:(d.rank + 1) * per_rank]       # whole groups stay on one rank
         trajs = rollout(engine, env["tools"], questions, tokenizer=tokenizer, params=params,
                         group_size=args.group_size, max_turns=args.max_turns, max_context=args.max_context,
@@ -401,8 +413,11 @@ def main(argv=None) -> dict:
         memory.update(peak_memory(d, "update"))
         n = d.sum(len(trajs))
         step_counts = counter_deltas(env, before, d)
+        diagnostics = reward_diagnostics(d.sums(reward_sums(rewards, f1, atrs, [t.format_ok for t in trajs], alpha_t,
+                                                            args.group_size)))   # every rank's groups
         record = {"step": step + 1, "alpha": alpha_t,
                   **{k: d.sum(v * len(trajs)) / n for k, v in reward_stats(trajs, rewards, f1, atrs).items()},
+                  **diagnostics,
                   "tool_calls": d.sum(sum(t.n_tool_calls for t in trajs)) / n,
                   "masked_frac": 1 - d.sum(sum(sum(t.mask) for t in trajs)) / max(1, d.sum(sum(len(t.ids) for t in trajs))),
                   "groups_kept": d.sum(int(keep.sum())) / args.group_size, **step_counts, **memory,

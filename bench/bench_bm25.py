@@ -1,4 +1,5 @@
-"""BM25 retrieval speed of retrievers.BM25Retriever (METHOD.md §9 target: >= 300 queries/s on 100k passages, one thread).
+"""BM25 retrieval speed of retrievers.BM25Retriever (METHOD.md §9 target: >= 300 queries/s on 100k passages, one
+thread).
 
 A synthetic corpus stands in for Wikipedia: ~100-word passages whose words follow a Zipf law (rank^-1, like
 natural text) over a fixed vocabulary of made-up words, generated from a fixed seed. Queries are 6 words drawn from

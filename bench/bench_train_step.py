@@ -106,7 +106,8 @@ def main(argv=None) -> dict:
     n_tokens = d.sum(sum(sum(r.mask) for r in rows))
 
     def step() -> dict:
-        out = grpo_update(model, optimizer, rows, n_tokens=n_tokens, pad_id=0, micro_batch_tokens=args.micro_batch_tokens,
+        out = grpo_update(model, optimizer, rows, n_tokens=n_tokens, pad_id=0,
+                          micro_batch_tokens=args.micro_batch_tokens,
                           temperature=1.0, loss_scale=d.world if d.fsdp else 1, max_count=d.max)
         if cuda:
             torch.cuda.synchronize()

@@ -43,7 +43,8 @@ def main(workdir: str, out: str, mode: str) -> None:
     model = prepare_model(toy_model.build_tiny_model(tokenizer, seed=0), d)
     ref = None
     if mode == "grpo-kl":            # a KL reference that is not the policy: its gradient counts
-        ref = prepare_model(toy_model.build_tiny_model(tokenizer, seed=1).requires_grad_(False).eval(), d, trainable=False)
+        ref = prepare_model(toy_model.build_tiny_model(tokenizer, seed=1).requires_grad_(False).eval(), d,
+                            trainable=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     rows = training_rows(trajs[mine], advantages[mine].tolist())      # as train.py's step makes and passes them
     stats = grpo_update(model, optimizer, rows, n_tokens=d.sum(sum(sum(r.mask) for r in rows)),

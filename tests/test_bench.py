@@ -52,3 +52,38 @@ def test_bench_server_smoke_reports_throughput_errors_and_memory(tmp_path):
     assert answered["outcomes"] == {"ok": 2} and answered["reply_mb"] > 0
     assert all(x["peak_rss_mb"] >= x["rss_before_mb"] > 0 and x["retained_rss_mb"] > 0 for x in r["large"])
     assert r["server_tracebacks"] == 0 and r["server_counts"]["rejected"] == 2
+
+
+def test_ablation_runs_every_arm_per_seed_resumes_and_reports_cis_and_plots(tmp_path):
+    """bench/ablation.py at toy size: 2 seeds x 3 arms, SFT once per seed (the arms start from its copy), the table
+    with a bootstrap CI per compared arm, the two plots; a second call runs nothing again."""
+    import os
+    out = tmp_path / "ablation"
+    tiny = ("--sft-steps 3 --sft-warmup-steps 0 --grpo-steps 2 --prompts-per-step 2 --group-size 2 --eval-limit 3 "
+            "--max-turns 2")
+    cmd = [sys.executable, str(ROOT / "bench" / "ablation.py"), "--seeds", "2", "--arms", "blend,outcome,sparse-blend",
+           "--out", str(out), "--jobs", "2", "--train-args", tiny]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    table = (out / "ablation.md").read_text().split("Reward diagnostics")[0]      # the F1 table
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert " vs outcome |" in rows["blend"] and "[" in rows["blend"] and rows["outcome"].count(" - ") >= 1
+    assert "sparse-outcome" not in rows and "vs sparse-outcome" not in rows["sparse-blend"]   # its base did not run
+    assert (out / "curves.png").stat().st_size > 10_000 and (out / "diagnostics.png").stat().st_size > 10_000
+    for seed in (0, 1):
+        config = json.loads((out / f"seed{seed}" / "sparse-blend" / "config.json").read_text())
+        assert config["toy_judge"] == "blind" and config["toy_types"] == "mentor_city" and config["seed"] == seed
+        assert json.loads((out / f"seed{seed}" / "outcome" / "config.json").read_text())["alpha0"] == 0.0
+    before = {p: p.stat().st_mtime for p in out.glob("seed*/*/summary.json")}
+    assert len(before) == 2 * 4                                     # sft + 3 arms per seed
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0 and {p: p.stat().st_mtime for p in out.glob("seed*/*/summary.json")} == before
+
+
+def test_bootstrap_ci_covers_the_mean_and_narrows_with_agreeing_seeds():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from ablation import bootstrap_ci
+    lo, hi = bootstrap_ci([1.0, 2.0, 3.0, 10.0])
+    assert lo < 4.0 < hi and lo >= 1.0 and hi <= 10.0
+    assert bootstrap_ci([2.0] * 8) == (2.0, 2.0)

@@ -166,3 +166,33 @@ def test_cli_rejects_bad_values_with_usage_error():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "total_steps must be > 0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_reward_diagnostics_hand_computed_and_additive_over_ranks():
+    """Three groups of two at α = 0.5: A is outcome-flat (F1 1, 1) but its ATRs differ, so the blend rescues it;
+    B's F1 differ and its ATRs do not; C has a malformed trajectory (R = −1, not judged)."""
+    import statistics
+    from curriculum import reward_diagnostics, reward_sums
+    from rrm_reward import ATR
+    f1 = [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    ok = [True, True, True, True, False, True]
+    atrs = [ATR(0.8), ATR(0.2), ATR(0.5), ATR(0.5), ATR(None), ATR(0.4)]
+    rewards = [blend(f, a.value, o, 0.5) for f, a, o in zip(f1, atrs, ok)]
+    assert rewards == [0.9, 0.6, 0.75, 0.25, -1.0, 0.2]
+    sums = reward_sums(rewards, f1, atrs, ok, 0.5, 2)
+    d = reward_diagnostics(sums)
+    assert d["f1_group_std"] == pytest.approx((0 + 0.5 + 0) / 3)
+    assert d["atr_group_std"] == pytest.approx((0.3 + 0.0) / 2)            # C has one judged trajectory only
+    judged = [(a.value, f) for a, f in zip(atrs, f1) if a.value is not None]
+    assert d["atr_f1_corr"] == pytest.approx(statistics.correlation(*zip(*judged)))
+    # process parts α·ATR: A (0.4, 0.1) var 0.0225, B 0, C (0, 0.2) 0.01;
+    # the rest: A 0, B (0.5, 0) 0.0625, C (−1, 0) 0.25
+    assert d["atr_adv_share"] == pytest.approx(0.0325 / (0.0325 + 0.3125))
+    assert (d["groups_outcome_flat"], d["groups_rescued"]) == (1, 1)
+    halves = [reward_sums(rewards[:2], f1[:2], atrs[:2], ok[:2], 0.5, 2),      # rank 0: A; rank 1: B and C
+              reward_sums(rewards[2:], f1[2:], atrs[2:], ok[2:], 0.5, 2)]
+    assert reward_diagnostics([x + y for x, y in zip(*halves)]) == pytest.approx(d, nan_ok=True)
+    outcome_only = reward_diagnostics(reward_sums([f if o else -1.0 for f, o in zip(f1, ok)], f1, [None] * 6, ok,
+                                                  0.0, 2))
+    assert outcome_only["groups_rescued"] == 0 and math.isnan(outcome_only["atr_f1_corr"])
+    assert outcome_only["atr_adv_share"] == 0.0

@@ -14,12 +14,13 @@ import pytest
 import toy_world as tw
 from toy_world import ToyTeacherEngine
 from engine import Completion, SamplingParams
-from evaluate import aggregate, AnswerJudge, contains_answer, contamination_filter, evaluate_questions, load_records, main, parse_verdict
+from evaluate import (AnswerJudge, aggregate, contains_answer, contamination_filter, evaluate_questions, load_records,
+                      main, parse_verdict)
 from search_env import sampled_runs
 from qa_data import load_benchmark, load_jsonl_questions, load_questions, mix_counts, parse_mix, sample_rows, \
     warn_bad_rows
 from retrievers import BM25Retriever
-from toy_world import ToyOracleRRM
+from toy_judge import ToyRRM
 from tools import make_tools
 from tools import Tools
 
@@ -266,7 +267,7 @@ def test_records_of_teacher_rollouts(toy_dir):
     tools = Tools(BM25Retriever(folder / "corpus.jsonl"), topk=tw.TOPK, tokenizer=tokenizer)
     records = evaluate_questions(engine, tools, questions, tokenizer=tokenizer, params=SamplingParams(temperature=0),
                                  max_turns=6, max_context=2048, tool_names=tw.TOOLS, batch_size=3,
-                                 rrm=ToyOracleRRM())
+                                 rrm=ToyRRM("oracle"))
     for r, q in zip(records[:3], questions):
         assert (r["finish"], r["f1"], r["em"], r["answer"]) == ("answer", 1.0, 1.0, q["golden_answers"][0])
         assert r["tool_calls"] == len(r["turns"]) - 1 == len(q["metadata"]["hops"])

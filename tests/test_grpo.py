@@ -387,3 +387,44 @@ def test_loss_mask_switches_between_policy_and_response_tokens():
     assert torch.equal(loss_mask(policy, response, use_loss_mask=False), response)
     with pytest.raises(ValueError, match="same shape"):
         loss_mask(policy, response[:, :5])
+
+
+class RecordingOptimizer(torch.optim.Optimizer):
+    """Keeps the gradients it is asked to step with (and changes nothing), so grpo_update's gradient can be read."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+        self.grads = None
+
+    def step(self, closure=None):
+        self.grads = [p.grad.clone() for group in self.param_groups for p in group["params"]]
+
+
+@pytest.mark.parametrize("use_loss_mask", [False, True])
+def test_without_the_loss_mask_tool_tokens_get_the_plain_policy_gradient(use_loss_mask):
+    """grpo_update through training_rows, as train.py calls it, on a trajectory laid out as the rollout makes it:
+    sampled tokens with the engine's log-probs, tool tokens with mask 0 and log-prob 0.0. Under --no-loss-mask the
+    gradient must be the plain policy gradient -Σ A·∇log π / N over every response token (TIS weight 1 at the tool
+    tokens, which the engine never sampled; before, their weight was min(π, 2) = π); with the mask, over the sampled
+    tokens only."""
+    from grpo import grpo_update, training_rows
+    model = tiny_qwen(seed=3)
+    torch.manual_seed(0)
+    prompt, ids = torch.randint(0, 50, (4,)).tolist(), torch.randint(0, 50, (12,)).tolist()
+    mask = [1] * 4 + [0] * 5 + [1] * 3                                  # sampled, a tool response, sampled
+    with torch.no_grad():
+        true_logp = token_logprobs(model, torch.tensor([prompt + ids]))[0, len(prompt):].tolist()
+    traj = types.SimpleNamespace(prompt_ids=prompt, ids=ids, mask=mask,
+                                 logprobs=[lp if m else 0.0 for lp, m in zip(true_logp, mask)])   # TIS w = 1 at sampled
+    advantage = 0.7
+    rows = training_rows([traj], [advantage], use_loss_mask=use_loss_mask)
+    trained = [0] * len(prompt) + ([1] * len(ids) if not use_loss_mask else mask)
+    assert rows[0].mask == trained and rows[0].sampled == [0] * len(prompt) + mask
+    optimizer = RecordingOptimizer(model.parameters())
+    grpo_update(model, optimizer, rows, n_tokens=sum(trained), pad_id=0, micro_batch_tokens=4096, temperature=1.0,
+                grad_clip=1e9)                                          # no clipping: the raw gradient
+    model.zero_grad()
+    logp = token_logprobs(model, torch.tensor([prompt + ids]))[0]
+    (-(advantage * logp * torch.tensor(trained, dtype=logp.dtype)).sum() / sum(trained)).backward()
+    for got, param in zip(optimizer.grads, model.parameters()):
+        torch.testing.assert_close(got, param.grad, rtol=1e-4, atol=1e-7)

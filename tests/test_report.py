@@ -169,3 +169,27 @@ def test_report_in_headless_chromium(tmp_path):
     assert [":CONSOLE" in line for line in dom.stderr.splitlines()].count(True) == 0
     assert len(re.findall(r"<details[^>]*\shidden", dom.stdout)) == 2
     assert "<script>alert" not in dom.stdout and "&lt;script&gt;alert(1)&lt;/script&gt;" in dom.stdout
+
+
+def test_plot_run_draws_the_curves_and_diagnostics_of_a_training_run(tmp_path):
+    """`python report.py plot RUN` on a metrics.jsonl as train.py writes it, a torn last line included."""
+    import math
+    import sys
+    from pathlib import Path
+    lines = [json.dumps({"step": 0, "eval": {"all": {"f1": 30.0, "em": 20.0, "n": 9}}})]
+    for step in range(1, 6):
+        lines.append(json.dumps({"step": step, "reward": 0.1 * step, "f1": 0.1 * step, "atr": 0.5, "alpha": 0.5,
+                                 "tool_calls": 1.0, "format_ok": 1.0, "f1_group_std": 0.2, "atr_group_std": 0.1,
+                                 "atr_f1_corr": math.nan, "atr_adv_share": 0.3, "groups_outcome_flat": 2,
+                                 "groups_rescued": 1}))
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 6, "rew')
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "report.py"), "plot", str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("curves.png", "diagnostics.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / name).stat().st_size > 20_000
+    (tmp_path / "metrics.jsonl").write_text(lines[0] + "\n")
+    proc = subprocess.run([sys.executable, str(root / "report.py"), "plot", str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and "no GRPO step logged yet" in proc.stderr

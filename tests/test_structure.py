@@ -7,7 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = {p.stem: p for p in ROOT.glob("*.py")}
 # The entry points and the wiring layer may build the embedded default; nothing else may import it.
-TOY = {"toy_world", "toy_model"}
+TOY = {"toy_world", "toy_model", "toy_judge"}
 WIRING = {"train", "evaluate", "run_setup"}
 
 

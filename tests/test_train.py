@@ -68,6 +68,8 @@ def test_tiny_run_trains_logs_and_summarizes(sft_run, tmp_path):
         assert all(math.isfinite(r[k]) for k in ("reward", "f1", "update_loss", "alpha", "masked_frac"))
         assert r["search_calls"] > 0 and r["search_failures"] == 0 and r["judge_calls"] > 0
         assert 0 <= r["masked_frac"] < 1 and r["alpha"] <= 0.5
+        assert 0 <= r["groups_rescued"] <= r["groups_outcome_flat"] <= 4 and 0 <= r["f1_group_std"] <= 0.5
+        assert math.isnan(r["atr_adv_share"]) or 0 <= r["atr_adv_share"] <= 1     # the reward diagnostics
     assert any(r["masked_frac"] > 0 for r in records), "no tool was called: the mask test would be vacuous"
     assert "step 1 | reward" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
