@@ -32,6 +32,8 @@ import urllib.parse
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
+import requests
+
 import net
 from atomic_thought import ALL_TOOLS, ToolCall
 from retrievers import CachedRetriever, Doc, QueryCache, Retriever, SearchError, _bm25s, bm25_tokenize, make_retriever
@@ -144,7 +146,7 @@ def fetch_page(url: str, *, session, timeout: float, max_bytes: int, max_redirec
             except net.AddressRefused as e:
                 raise BrowseRefused(str(e)) from None
             except Exception as e:   # requests' errors, a malformed redirect, a decoder's error on hostile bytes
-                if deadline.expired:
+                if deadline.expired or isinstance(e, requests.Timeout):   # requests' own limit may fire first
                     raise BrowseError(f"timeout ({timeout:g} s)") from None
                 raise BrowseError(f"request failed ({type(e).__name__})") from None
             if deadline.expired:     # the shutdown may read as a short, clean end of the body

@@ -102,7 +102,7 @@ def summarize(out: Path, seeds: list[int], arms: list[str], threshold: float) ->
             versus = f"{statistics.fmean(diffs):+.1f} [{lo:+.1f}, {hi:+.1f}] vs {base}"
         else:
             versus = "-"
-        reached = [steps_to([r["f1"] for r in steps[arm][s]], threshold) for s in seeds]
+        reached = [steps_to([r["f1"] for r in steps[arm][s]], threshold, 5) for s in seeds]
         hit = [x for x in reached if x is not None]
         when = f"{statistics.fmean(hit):.1f} ({len(hit)}/{len(seeds)})" if hit else f"- (0/{len(seeds)})"
         lines.append(f"| {arm} | " + " | ".join(f"{m:.1f}" for m in means) + f" | {versus} | {when} |")
