@@ -352,10 +352,11 @@ def run_records(run: str | Path) -> tuple[list[dict], list[dict]]:
     return [r for r in records if "eval" not in r], [r for r in records if "eval" in r]
 
 
-def plot_panels(path: Path, panels, series: dict[str, list[tuple[list[int], list[float], list[float] | None]]],
+def plot_panels(path: Path, panels, series: dict[str, dict[str, tuple[list[int], list[float], list[float] | None]]],
                 title: str) -> Path:
-    """One PNG of small panels, one per (key, label) of `panels`; `series[key]` holds (steps, means, band or None)
-    per line, the band drawn as mean ± it (over seeds, in bench/ablation.py)."""
+    """One PNG of small panels, one per (key, label) of `panels`; `series[key][line name]` is (steps, means, band or
+    None), the band drawn as mean ± it (over seeds, in bench/ablation.py). The first panel's lines get one legend
+    under the figure; a panel with more lines than the first (the held-out F1 of plot_run) gets its own."""
     import matplotlib
     matplotlib.use("Agg")                          # files only, no display
     import matplotlib.pyplot as plt
@@ -370,8 +371,8 @@ def plot_panels(path: Path, panels, series: dict[str, list[tuple[list[int], list
                                 color=line.get_color(), alpha=0.2, linewidth=0)
         if all(math.isnan(v) for _, mean, _ in lines.values() for v in mean):
             ax.text(0.5, 0.5, "not logged by this run", ha="center", va="center", transform=ax.transAxes)
-        if len(lines) > 1 and len(series.get(panels[0][0], {})) <= 1:
-            ax.legend(fontsize=7)                  # this panel's own extra line (held-out F1)
+        if len(lines) > len(series.get(panels[0][0], {})):
+            ax.legend(fontsize=7)
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("GRPO step", fontsize=8)
         ax.grid(alpha=0.3)
