@@ -99,9 +99,11 @@ def page_server():
 
 def test_no_hostile_page_escapes_a_browse_call(page_server):
     server, pages = page_server
-    deadline = 3.0   # the slow pages need 8-30 s; the readable ones need well under it on a loaded 2-core machine
-    tools = Tools(NoResults(), browse_allow_private=True, browse_timeout=deadline, browse_max_bytes=2_000_000, max_workers=8,
-                  max_response_tokens=10 ** 6)   # nothing cut: every page's outcome is in the text
+    # The slow pages need 8-30 s. A 2 MB read takes 0.01 s alone but up to 1.9 s while 7 other threads of this
+    # process (the pool parsing big pages, the server) hold the GIL: 1 s made this test flaky (LOG.md).
+    deadline = 5.0
+    tools = Tools(NoResults(), browse_allow_private=True, browse_timeout=deadline, browse_max_bytes=2_000_000,
+                  max_workers=8, max_response_tokens=10 ** 6)   # nothing cut: every page's outcome is in the text
     names = sorted(pages)
     calls, seen = [], []
     for i in range(0, len(names), 3):            # several URLs per call, several calls per batch
@@ -123,8 +125,8 @@ def test_no_hostile_page_escapes_a_browse_call(page_server):
         assert ok != (f"/{name}] browse failed: " in joined or f"/{name}] refused: " in joined), name
     for name in SLOW:
         assert f"/{name}] browse failed: timeout" in joined
-    # 3 pages per call, calls on 8 threads: the slow pages cost about one deadline each, not 30 s
-    assert elapsed < 3 * deadline * len(calls) / 8 + 10, elapsed
+    # the slow pages cost about one deadline each (at worst one after another), not their 8-30 s
+    assert elapsed < len(SLOW) * deadline + 10, elapsed
 
 
 @FUZZ
