@@ -1,9 +1,15 @@
-"""A training run's log: one line per step on rank 0, metrics.jsonl always, wandb when asked.
+"""A training run's log: one line per step on rank 0, metrics.jsonl always, wandb when asked, summary.json at the end.
 
-`Logger` writes the records train.py makes per GRPO step and per held-out evaluation; `counters` and
-`counter_deltas` are the tools' and the judge's failure and usage counts that go into them, summed over the ranks:
-failures that training survives are counted here, never silently. bench/compare_rewards.py and
-bench/bench_demo.py read what this writes.
+`Logger` writes the records train.py makes per GRPO step and per held-out evaluation. A step's record has every
+reward component (`reward_stats`: the batch means of reward, format_ok, F1 and ATR, and why episodes ended), the
+reward diagnostics (curriculum.reward_diagnostics: within-group spread of F1 and ATR, their correlation, the ATR's
+share of the reward variance, outcome-flat and rescued groups), the tools' and judge's counters of the step
+(`counters` / `counter_deltas`: searches, failures, cache hits, judge calls and fallbacks), all summed over the
+ranks, its timings, and on GPUs the trainer's peak memory in the rollout and the update (mem_rollout_gb,
+mem_update_gb). Failures that training survives are counted here, never silently. A held-out evaluation is a
+{"step", "eval"} record with F1/EM per benchmark (the toy's benchmarks are its question types). `write_summary`
+writes summary.json and prints the F1 table. report.py, bench/compare_rewards.py, bench/bench_demo.py and
+bench/ablation.py read what this writes.
 """
 from __future__ import annotations
 
@@ -18,6 +24,15 @@ from distributed import Dist
 TOOL_COUNTERS = ("search_calls", "search_failures", "empty_results", "cache_hits", "cache_misses", "browse_calls",
                  "browse_failures", "browse_refused", "reader_failures", "bad_arguments", "unknown_tool")
 JUDGE_COUNTERS = ("calls", "retries", "parse_errors", "http_errors", "fallbacks")
+
+
+def reward_stats(trajs, rewards: list[float], f1: list[float], atrs: list) -> dict:
+    """The batch means of the reward's components (curriculum.trajectory_rewards) and why episodes ended."""
+    n, judged = len(trajs), [a.value for a in atrs if a is not None and a.value is not None]
+    ends = {f"finish_{end}": sum(t.finish == end for t in trajs) / n    # why the others failed
+            for end in ("format_error", "length", "max_turns")}
+    return {"format_ok": sum(t.format_ok for t in trajs) / n, **ends, "f1": sum(f1) / n,
+            "atr": sum(judged) / len(judged) if judged else float("nan"), "reward": sum(rewards) / n}
 
 
 def counters(env) -> dict:
@@ -85,3 +100,14 @@ def logged_record(line: str) -> dict | None:
     except ValueError:
         return None
     return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
+def write_summary(out: Path, summary: dict) -> None:
+    """The run's summary.json (rank 0, at the end), and its held-out F1 after SFT and after GRPO as a table."""
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    after_sft, after_grpo = summary.get("test_f1_sft_by_type", {}), summary.get("test_f1_grpo_by_type", {})
+    if after_sft:
+        print("\n| held-out benchmark (toy: question type) | F1 after SFT | F1 after GRPO |\n|---|---|---|")
+        for name, f1 in after_sft.items():
+            print(f"| {name} | {f1:.1f} | {'-' if name not in after_grpo else f'{after_grpo[name]:.1f}'} |")
+    print(f"\nsummary: {json.dumps(summary)}  ({out})", flush=True)

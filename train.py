@@ -39,13 +39,9 @@ process-group timeout (--dist-timeout, 120 minutes) and --keep-checkpoints 2. Th
 --clip-eps-high (DAPO's clip-higher), --no-loss-mask, --keep-zero-adv and --answer-normalization, and on the toy
 --toy-judge and --toy-types; `python train.py --help` shows them in groups.
 
-Logging: one line per step on rank 0 and a metrics.jsonl record with every reward component, the reward diagnostics
-(curriculum.reward_diagnostics: within-group spread of F1 and ATR, their correlation, the ATR's share of the reward
-variance, outcome-flat and rescued groups), the finish reasons and the tools' and judge's counters of the step
-(searches, failures, cache hits, judge calls and fallbacks), summed over the ranks, and on GPUs the trainer's peak
-memory in the rollout and the update (mem_rollout_gb, mem_update_gb); held-out questions (--eval-data, or the toy's
-test split) are evaluated greedily after SFT, every --eval-every GRPO steps and at the end, sharded over the ranks,
-F1/EM per benchmark as {"step", "eval"} records.
+Logging (run_log.py): one line per step on rank 0, and a metrics.jsonl record per GRPO step with every reward
+component, the reward diagnostics and the counters of the tools and the judge; held-out questions (--eval-data, or
+the toy's test split) are evaluated greedily after SFT, every --eval-every GRPO steps and at the end.
 """
 from __future__ import annotations
 
@@ -70,7 +66,7 @@ from evaluate import PAPER_SAMPLE, evaluate_questions
 from grpo import grpo_update, group_advantages, nonzero_groups, training_rows
 from qa_data import MAX_QUESTION_CHARS, question_chars_arg
 from rrm_reward import AGGREGATIONS
-from run_log import Logger, counter_deltas, counters
+from run_log import Logger, counter_deltas, counters, reward_stats, write_summary
 from run_setup import check_same_tokenizer, fail, resume_point, setup_real, setup_toy, vocab_hash
 from search_env import PAPER_LIMITS, rollout, show_mask
 from sft import first_turn, training_example, train_sft
@@ -214,36 +210,23 @@ def toy_sft_examples(env, args) -> tuple[list[tuple[list[int], list[int]]], dict
     return [training_example(tokenizer, r["messages"]) for r in rows], counts
 
 
-# ----------------------------------------------------------------------------- what a step and an evaluation log
-def reward_stats(trajs, rewards: list[float], f1: list[float], atrs: list) -> dict:
-    """The batch means of the reward's components (curriculum.trajectory_rewards) and why episodes ended."""
-    n, judged = len(trajs), [a.value for a in atrs if a is not None and a.value is not None]
-    ends = {f"finish_{end}": sum(t.finish == end for t in trajs) / n    # why the others failed
-            for end in ("format_error", "length", "max_turns")}
-    return {"format_ok": sum(t.format_ok for t in trajs) / n, **ends, "f1": sum(f1) / n,
-            "atr": sum(judged) / len(judged) if judged else float("nan"), "reward": sum(rewards) / n}
-
-
+# ----------------------------------------------------------------------------- held-out evaluation
 def held_out_scores(engine, env, args, d: Dist) -> dict[str, dict]:
     """Greedy episodes on the held-out questions (evaluate.evaluate_questions, sharded over the ranks) ->
     {benchmark: {"f1", "em", "n"}} with F1 and EM x100 and "all" over every question (the toy's benchmarks are
     its question types)."""
-    questions = env["test"]
-    names = sorted({q.get("benchmark", "all") for q in questions})
-    records = evaluate_questions(engine, env["tools"], questions[d.rank::d.world], tokenizer=env["tokenizer"],
+    mine = env["test"][d.rank::d.world]
+    records = evaluate_questions(engine, env["tools"], mine, tokenizer=env["tokenizer"],
                                  params=SamplingParams(temperature=0, max_new_tokens=args.max_new_tokens),
                                  max_turns=args.max_turns, max_context=args.max_context, system=env["system"],
                                  tool_names=env["tool_names"], batch_size=200,
                                  normalization=args.answer_normalization)
-    sums = {name: [0.0, 0.0, 0] for name in names}                    # F1 sum, EM sum, count
-    for q, r in zip(questions[d.rank::d.world], records):
-        total = sums[q.get("benchmark", "all")]
-        total[0], total[1], total[2] = total[0] + r["f1"], total[1] + r["em"], total[2] + 1
-    flat = d.sums([x for name in names for x in sums[name]])          # every rank's sums, once
-    out = {name: flat[3 * i:3 * i + 3] for i, name in enumerate(names)}
-    out["all"] = [sum(v[j] for v in out.values()) for j in range(3)]
-    return {name: {"f1": 100 * f / max(n, 1), "em": 100 * e / max(n, 1), "n": int(n)}
-            for name, (f, e, n) in out.items()}
+    scored = [s for part in d.gather([(q.get("benchmark", "all"), r["f1"], r["em"]) for q, r in zip(mine, records)])
+              for s in part]                                          # every rank's (benchmark, F1, EM)
+    groups = {name: [s for s in scored if s[0] == name] for name in sorted({s[0] for s in scored})}
+    groups["all"] = scored
+    return {name: {"f1": 100 * sum(s[1] for s in g) / len(g), "em": 100 * sum(s[2] for s in g) / len(g), "n": len(g)}
+            for name, g in groups.items()}
 
 
 # ----------------------------------------------------------------------------- main
@@ -459,14 +442,7 @@ def main(argv=None) -> dict:
 def finish(args, d: Dist, summary: dict, t_start: float, steps: int, engine=None) -> dict:
     summary.update(steps=steps, seconds=time.perf_counter() - t_start)
     if d.rank == 0:
-        (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
-        rows = [(k, summary.get("test_f1_sft_by_type", {}).get(k), summary.get("test_f1_grpo_by_type", {}).get(k))
-                for k in summary.get("test_f1_sft_by_type", {})]
-        if rows:
-            print("\n| held-out benchmark (toy: question type) | F1 after SFT | F1 after GRPO |\n|---|---|---|")
-            for k, a, b in rows:
-                print(f"| {k} | {a:.1f} | {'-' if b is None else f'{b:.1f}'} |")
-        print(f"\nsummary: {json.dumps(summary)}  ({args.out})", flush=True)
+        write_summary(args.out, summary)
     if engine is not None:
         engine.close()          # vLLM's shutdown destroys its process groups, and with them the default one
     if d.on and dist.is_initialized():
