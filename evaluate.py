@@ -1,13 +1,15 @@
 """Evaluation as the paper does it (METHOD.md §5): seven QA benchmarks, F1/EM and an LLM judge, test-time statistics.
 
     python evaluate.py --model PATH --benchmarks nq,triviaqa,hotpotqa,2wikimultihopqa,musique,bamboogle,popqa \
-        --retriever URL|bm25:CORPUS|serper --out DIR [--data-dir DIR] [--judge-url URL] [--rrm-url URL] [--limit N]
+        --retriever URL|bm25:CORPUS|serper --out DIR [--data-dir DIR] [--judge-url URL] [--rrm-url URL] [--limit N] \
+        [--curves RUN]
     torchrun --nproc_per_node=8 evaluate.py ...         (questions sharded by rank, results gathered to rank 0)
     python evaluate.py --toy --out runs/eval-toy         (CPU: writes the toy world, evaluates its tiny model on `test`)
     python evaluate.py --make-train-data hub:nq=1,triviaqa=1,hotpotqa=3,2wikimultihopqa=3 --out DIR [--filter-k 4]
 
 Writes DIR/metrics.json, DIR/trajectories.jsonl (per question: turns with atoms, tool calls and responses, answer,
-scores), DIR/report.html (report.py), and prints the paper's Table 1 with our row beside it.
+scores), DIR/report.html (report.py; with `--curves RUN`, the training curves of RUN, the model's train.py --out
+folder, inside it), and prints the paper's Table 1 with our row beside it.
 
 1. Data (qa_data.py): FlashRAG jsonl from `--data-dir/<name>.jsonl`, else the hub's RUC-NLPIR/FlashRAG_datasets.
    512 questions per benchmark drawn with a fixed seed (all of a smaller one: Bamboogle's 125), or `--limit`.
@@ -41,6 +43,7 @@ import itertools
 import json
 import os
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -48,7 +51,7 @@ from atomic_thought import system_prompt
 from curriculum import NORMALIZATIONS, normalize_answer, outcome
 from qa_data import (MAX_QUESTION_CHARS, load_benchmark, load_questions, prompt_check, question_chars_arg, sample_rows,
                      warn_bad_rows, write_jsonl)
-from report import markdown_stats, markdown_table1, write_report
+from report import markdown_stats, markdown_table1, plot_run, run_records, write_report
 from rrm_reward import after_reasoning
 from net import ChatClient, NotAChatCompletion, RemoteError
 from search_env import PAPER_LIMITS, rollout, sampled_runs
@@ -275,6 +278,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--answer-normalization", choices=NORMALIZATIONS, default="deepresearcher",
                    help="F1/EM normalization: DeepResearcher's (the paper's tables) or unicode (METHOD.md §3.2)")
     p.add_argument("--out", required=True, help="output folder (with --make-train-data: gets train.jsonl)")
+    p.add_argument("--curves", metavar="RUN", help="the train.py --out folder of the model: its training curves "
+                   "(report.py plot) go into report.html")
     # agent and tools: the training values (METHOD.md §4)
     p.add_argument("--retriever", help="bm25:CORPUS | http(s)://retrieval-server | serper ($SERPER_API_KEY)")
     p.add_argument("--query-cache", help="sqlite file caching search results (7 days), e.g. for serper")
@@ -317,6 +322,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--limit must be >= 1, got {args.limit}")
     if not args.make_train_data and not args.retriever:
         p.error("--retriever is required: bm25:CORPUS, an http(s):// retrieval server, or serper")
+    if args.curves:   # checked now: a missing run is named before the evaluation, not after it
+        try:
+            steps, _ = run_records(args.curves)
+        except SystemExit as e:
+            p.error(f"--curves: {e}")
+        if not steps:
+            p.error(f"--curves: {Path(args.curves) / 'metrics.jsonl'} has no GRPO step logged")
     return args
 
 
@@ -396,7 +408,13 @@ def main(argv: list[str] | None = None) -> None:
     metrics = {"config": config, "benchmarks": per_benchmark, "overall": summarize(records), "counters": dict(stats)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     write_jsonl(records, out / "trajectories.jsonl")
-    write_report(out / "report.html", metrics, records)
+    curves = None
+    if args.curves:
+        try:
+            curves = plot_run(args.curves)
+        except (Exception, SystemExit) as e:   # the evaluation is written already: its report comes without curves
+            print(f"warning: --curves: not drawn ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
+    write_report(out / "report.html", metrics, records, curves=curves)
     print(markdown_table1(per_benchmark) + "\n\n" + markdown_stats(per_benchmark))
     print(f"\nwrote {out / 'metrics.json'}, {out / 'trajectories.jsonl'} ({len(records)} questions), "
           f"{out / 'report.html'}")

@@ -12,7 +12,9 @@ evaluate.py computes; this file only presents what it wrote (metrics.json and th
   is the policy's own, trained text), the turn the parser rejected when there is one, and the answer against
   the golden answers with F1, EM and the judge's verdict. Filters: benchmark, outcome (correct = EM 1,
   partial = 0 < F1, wrong = F1 0) and finish reason; they also read and write the URL's #fragment
-  (`report.html#benchmark=nq&finish=length`), so a filtered view can be shared.
+  (`report.html#benchmark=nq&finish=length`), so a filtered view can be shared. With `curves` (evaluate.py
+  --curves RUN, `python report.py DIR --curves RUN`) the PNGs of the training run that made the model, from
+  `plot_run`, come after the tables, inline as data: URIs.
 
 Safety: every string from the model, a web page, a judge or a data file is untrusted. All of it goes through
 `html.escape` (text and attribute values); the only data inside a <script> is the metrics JSON, written by
@@ -20,13 +22,15 @@ Safety: every string from the model, a web page, a judge or a data file is untru
 only data-* attributes and never builds HTML from strings. A hand-edited trajectories.jsonl is untrusted in its
 shape too: every value is escaped whatever its JSON type (numbers print through `_num`, "?" for a non-number),
 a record, turn, atom or tool call of the wrong type becomes a "malformed ..." placeholder naming file:line, and
-`python report.py DIR` skips a line that is not JSON with a "file:line" warning; never a traceback.
+`python report.py DIR` skips a line that is not JSON with a "file:line" warning; never a traceback. The inline
+images are our own PNGs, base64-encoded: nothing of a data file reaches the page through them.
 
 Size: the page holds the full tool responses (already cut to the tools' token budget), so a full 7 × 512-question
 evaluation gives tens of MB; trajectories start collapsed. Regenerate with `python report.py DIR`.
 """
 from __future__ import annotations
 
+import base64
 import html
 import json
 import math
@@ -245,7 +249,7 @@ padding:0 6px}.text,.think{white-space:pre-wrap}.call{margin:4px 0;font-family:m
 .masked{background:repeating-linear-gradient(45deg,#edf2f7,#edf2f7 8px,#e2e8f0 8px,#e2e8f0 16px);color:#4a5568;
 padding:4px 8px;border-radius:3px}.lbl{font-size:11px;font-weight:600}
 pre{white-space:pre-wrap;margin:2px 0;font-size:12px}.bad{background:#fff5f5;padding:4px 8px}
-.final{margin:8px 0;padding:4px 8px;background:#f0fff4}"""
+.final{margin:8px 0;padding:4px 8px;background:#f0fff4}.curves img{max-width:100%;display:block;margin:6px 0}"""
 
 JS = """(function () {
   var keys = ['benchmark', 'outcome', 'finish'], sel = {};
@@ -272,9 +276,18 @@ JS = """(function () {
 })();"""
 
 
-def render_report(metrics: dict, records: list[dict], where: list[str] | None = None) -> str:
-    """The whole report.html as a string (pure: metrics.json's dict and the trajectory records in). `where[i]`
-    names record i in placeholders (`python report.py` passes "file:line"; default "record i+1")."""
+def _curves_html(pngs: list[Path]) -> str:
+    """A training run's plots (plot_run's PNGs), inline: the page stays one file that works offline."""
+    images = "".join(f'<img alt="{esc(p.stem)}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"'
+                     ">" for p in pngs)
+    return f'<h2>Training curves</h2><div class="curves">{images}</div>' if pngs else ""
+
+
+def render_report(metrics: dict, records: list[dict], where: list[str] | None = None,
+                  curves: list[Path] | None = None) -> str:
+    """The whole report.html as a string (metrics.json's dict and the trajectory records in; `curves`: PNG files to
+    inline). `where[i]` names record i in placeholders (`python report.py` passes "file:line"; default "record
+    i+1")."""
     where = where or [f"record {i + 1}" for i in range(len(records))]
     metrics = metrics if isinstance(metrics, dict) else {}
     per_benchmark = metrics.get("benchmarks", {})
@@ -295,15 +308,16 @@ def render_report(metrics: dict, records: list[dict], where: list[str] | None = 
               'blocks are tool responses, the masked part of a trajectory.</p>')
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Atom-Searcher evaluation</title>"
             f"<style>{CSS}</style></head><body><h1>Evaluation report</h1><p>{esc(meta)}</p>"
-            f"{_tables_html(per_benchmark)}"
+            f"{_tables_html(per_benchmark)}{_curves_html(curves or [])}"
             f"<h2>Trajectories</h2>{legend}<div id=\"filters\">{filters}</div><div id=\"trajs\">"
             + "".join(_record_html(i, r, w) for i, (r, w) in enumerate(zip(records, where, strict=True)))
             + f'</div><script type="application/json" id="metrics">{data}</script>'
             f"<script>{JS}</script></body></html>\n")
 
 
-def write_report(path: str | Path, metrics: dict, records: list[dict], where: list[str] | None = None) -> None:
-    Path(path).write_text(render_report(metrics, records, where), encoding="utf-8")
+def write_report(path: str | Path, metrics: dict, records: list[dict], where: list[str] | None = None,
+                 curves: list[Path] | None = None) -> None:
+    Path(path).write_text(render_report(metrics, records, where, curves), encoding="utf-8")
 
 
 def read_run(run: str | Path) -> tuple[dict, list, list[str]]:
@@ -404,13 +418,19 @@ def plot_run(run: str | Path) -> list[Path]:
             plot_panels(run / "diagnostics.png", DIAGNOSTICS, series(DIAGNOSTICS), f"{run}: reward diagnostics")]
 
 
+USAGE = """usage: python report.py DIR [--curves RUN]   DIR/report.html from evaluate.py's metrics.json and
+                                           trajectories.jsonl in DIR; with the training curves of RUN
+                                           (a train.py --out folder) when given
+       python report.py plot RUN              RUN/curves.png and RUN/diagnostics.png"""
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "plot":
         print("wrote " + ", ".join(map(str, plot_run(sys.argv[2]))))
         sys.exit()
-    if len(sys.argv) != 2:
-        sys.exit("usage: python report.py DIR        (DIR holds metrics.json and trajectories.jsonl from evaluate.py)\n"
-                 "       python report.py plot RUN   (RUN is a train.py --out folder: curves.png, diagnostics.png)")
+    if len(sys.argv) not in (2, 4) or len(sys.argv) == 4 and sys.argv[2] != "--curves":
+        sys.exit(USAGE)
     run_dir = Path(sys.argv[1])
-    write_report(run_dir / "report.html", *read_run(run_dir))
+    report = read_run(run_dir)                     # first: a bad DIR fails before anything is drawn
+    write_report(run_dir / "report.html", *report, curves=plot_run(sys.argv[3]) if len(sys.argv) == 4 else None)
     print(f"wrote {run_dir / 'report.html'}")

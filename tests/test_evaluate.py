@@ -15,7 +15,7 @@ import toy_world as tw
 from toy_world import ToyTeacherEngine
 from engine import Completion, SamplingParams
 from evaluate import (AnswerJudge, aggregate, contains_answer, contamination_filter, evaluate_questions, load_records,
-                      main, parse_verdict)
+                      main, parse_args, parse_verdict)
 from search_env import sampled_runs
 from qa_data import load_benchmark, load_jsonl_questions, load_questions, mix_counts, parse_mix, sample_rows, \
     warn_bad_rows
@@ -322,10 +322,14 @@ def test_cli_on_the_toy_world(toy_dir, tmp_path):
     folder, _ = toy_dir
     with open(folder / "test.jsonl", "a") as f:               # two bad rows after the 60 good ones
         f.write('{"id": "x", "question": "Who?", "golden_answers": []}\n{oops\n')
-    out = tmp_path / "run"
+    out, training = tmp_path / "run", tmp_path / "training"             # training: the model's train.py --out
+    training.mkdir()
+    (training / "metrics.jsonl").write_text("".join(json.dumps({"step": k, "reward": 0.1 * k, "f1": 0.2 * k}) + "\n"
+                                                    for k in (1, 2)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, "evaluate.py", "--toy", "--data-dir", str(folder), "--out", str(out),
-                           "--limit", "3", "--engine", "hf", "--max-new-tokens", "12", "--max-turns", "2"],
+                           "--limit", "3", "--engine", "hf", "--max-new-tokens", "12", "--max-turns", "2",
+                           "--curves", str(training)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{folder / 'test.jsonl'}:61: 'golden_answers'" in proc.stderr and ":62: not valid JSON" in proc.stderr
@@ -335,8 +339,18 @@ def test_cli_on_the_toy_world(toy_dir, tmp_path):
     assert finite_numbers(metrics) and sum(test["finish"].values()) == 3 and test["response_tokens"] > 0
     records = load_records(out / "trajectories.jsonl")
     assert len(records) == 3 and all(r["benchmark"] == "test" and "turns" in r and "f1" in r for r in records)
-    assert (out / "report.html").read_text().count("<details ") == 3
+    page = (out / "report.html").read_text()
+    assert page.count("<details ") == 3 and page.count('<img alt="') == 2 and (training / "curves.png").exists()
     assert "| method | test |" in proc.stdout and "| test | 3 |" in proc.stdout
+
+
+@pytest.mark.parametrize("lines", [None, "", '{"step": 0, "eval": {}}\n'])
+def test_curves_of_a_run_without_grpo_steps_are_refused_before_evaluating(tmp_path, capsys, lines):
+    if lines is not None:
+        (tmp_path / "metrics.jsonl").write_text(lines)
+    with pytest.raises(SystemExit):
+        parse_args(["--toy", "--out", str(tmp_path / "out"), "--curves", str(tmp_path)])
+    assert f"--curves: {tmp_path / 'metrics.jsonl'}" in capsys.readouterr().err
 
 
 def test_hostile_rows_cost_their_benchmark_those_rows_not_the_run(toy_dir, tmp_path, capsys):

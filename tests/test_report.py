@@ -171,25 +171,65 @@ def test_report_in_headless_chromium(tmp_path):
     assert "<script>alert" not in dom.stdout and "&lt;script&gt;alert(1)&lt;/script&gt;" in dom.stdout
 
 
-def test_plot_run_draws_the_curves_and_diagnostics_of_a_training_run(tmp_path):
-    """`python report.py plot RUN` on a metrics.jsonl as train.py writes it, a torn last line included."""
+def training_metrics() -> list[str]:
+    """metrics.jsonl lines as train.py writes them: an evaluation after SFT, then 5 GRPO steps."""
     import math
-    import sys
-    from pathlib import Path
     lines = [json.dumps({"step": 0, "eval": {"all": {"f1": 30.0, "em": 20.0, "n": 9}}})]
     for step in range(1, 6):
         lines.append(json.dumps({"step": step, "reward": 0.1 * step, "f1": 0.1 * step, "atr": 0.5, "alpha": 0.5,
                                  "tool_calls": 1.0, "format_ok": 1.0, "f1_group_std": 0.2, "atr_group_std": 0.1,
                                  "atr_f1_corr": math.nan, "atr_adv_share": 0.3, "groups_outcome_flat": 2,
                                  "groups_rescued": 1}))
-    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 6, "rew')
+    return lines
+
+
+def report_py(*args) -> subprocess.CompletedProcess:
+    import sys
+    from pathlib import Path
     root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([sys.executable, str(root / "report.py"), "plot", str(tmp_path)], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run([sys.executable, str(root / "report.py"), *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_plot_run_draws_the_curves_and_diagnostics_of_a_training_run(tmp_path):
+    """`python report.py plot RUN` on a metrics.jsonl as train.py writes it, a torn last line included."""
+    lines = training_metrics()
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 6, "rew')
+    proc = report_py("plot", tmp_path)
     assert proc.returncode == 0, proc.stderr
     for name in ("curves.png", "diagnostics.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / name).stat().st_size > 20_000
     (tmp_path / "metrics.jsonl").write_text(lines[0] + "\n")
-    proc = subprocess.run([sys.executable, str(root / "report.py"), "plot", str(tmp_path)], capture_output=True,
-                          text=True, timeout=120)
+    proc = report_py("plot", tmp_path)
     assert proc.returncode != 0 and "no GRPO step logged yet" in proc.stderr
+
+
+def test_the_report_inlines_the_training_runs_curves(tmp_path):
+    """`python report.py DIR --curves RUN`: RUN's two PNGs inside report.html as data: URIs (no file beside it, no
+    external asset); a RUN without a metrics.jsonl is named and no report is written."""
+    import base64
+    from qa_data import write_jsonl
+    evaluation, run = tmp_path / "eval", tmp_path / "run"
+    evaluation.mkdir()
+    run.mkdir()
+    (evaluation / "metrics.json").write_text(json.dumps(metrics()))
+    write_jsonl(records(), evaluation / "trajectories.jsonl")
+    (run / "metrics.jsonl").write_text("\n".join(training_metrics()) + "\n")
+    proc = report_py(evaluation, "--curves", run)
+    assert proc.returncode == 0, proc.stderr
+    page = (evaluation / "report.html").read_text()
+    parsed = TextAndTags()
+    parsed.feed(page)
+    images = [a for t, a in parsed.tags if t == "img"]
+    assert [a["alt"] for a in images] == ["curves", "diagnostics"]
+    for a in images:
+        png = (run / f"{a['alt']}.png").read_bytes()
+        assert base64.b64decode(a["src"].removeprefix("data:image/png;base64,")) == png
+    assert page.index("Training curves") < page.index("<h2>Trajectories")
+    assert all(a["src"].startswith("data:") for _, a in parsed.tags if "src" in a)          # one offline file
+    (evaluation / "report.html").unlink()
+    proc = report_py(evaluation, "--curves", tmp_path / "missing")
+    assert proc.returncode != 0 and str(tmp_path / "missing" / "metrics.jsonl") in proc.stderr
+    assert not (evaluation / "report.html").exists()
+    proc = report_py(evaluation, "--plots", run)
+    assert proc.returncode != 0 and proc.stderr.startswith("usage:")
