@@ -384,7 +384,8 @@ def plot_panels(path: Path, panels, series: dict[str, dict[str, tuple[list[int],
                 ax.fill_between(steps, [m - b for m, b in zip(mean, band)], [m + b for m, b in zip(mean, band)],
                                 color=line.get_color(), alpha=0.2, linewidth=0)
         if all(math.isnan(v) for _, mean, _ in lines.values() for v in mean):
-            ax.text(0.5, 0.5, "no value in this run (not logged, or nothing judged)", ha="center", va="center", transform=ax.transAxes)
+            ax.text(0.5, 0.5, "no value in this run (not logged, or nothing judged)", ha="center", va="center",
+                    transform=ax.transAxes)
         if len(lines) > len(series.get(panels[0][0], {})):
             ax.legend(fontsize=7)
         ax.set_title(label, fontsize=10)
