@@ -8,8 +8,9 @@
     python evaluate.py --make-train-data hub:nq=1,triviaqa=1,hotpotqa=3,2wikimultihopqa=3 --out DIR [--filter-k 4]
 
 Writes DIR/metrics.json, DIR/trajectories.jsonl (per question: turns with atoms, tool calls and responses, answer,
-scores), DIR/report.html (report.py; with `--curves RUN`, the training curves of RUN, the model's train.py --out
-folder, inside it), and prints the paper's Table 1 with our row beside it.
+scores), DIR/report.html (report.py; with `--curves RUN`, where RUN is the model's train.py --out folder, RUN's
+training curves are drawn to DIR/curves.png and DIR/diagnostics.png and shown in the report), and prints the paper's
+Table 1 with our row beside it.
 
 1. Data (qa_data.py): FlashRAG jsonl from `--data-dir/<name>.jsonl`, else the hub's RUC-NLPIR/FlashRAG_datasets.
    512 questions per benchmark drawn with a fixed seed (all of a smaller one: Bamboogle's 125), or `--limit`.
@@ -279,7 +280,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="F1/EM normalization: DeepResearcher's (the paper's tables) or unicode (METHOD.md §3.2)")
     p.add_argument("--out", required=True, help="output folder (with --make-train-data: gets train.jsonl)")
     p.add_argument("--curves", metavar="RUN", help="the train.py --out folder of the model: its training curves "
-                   "(report.py plot) go into report.html")
+                   "(report.py plot; written to --out, RUN is only read) go into report.html")
     # agent and tools: the training values (METHOD.md §4)
     p.add_argument("--retriever", help="bm25:CORPUS | http(s)://retrieval-server | serper ($SERPER_API_KEY)")
     p.add_argument("--query-cache", help="sqlite file caching search results (7 days), e.g. for serper")
@@ -411,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     curves = None
     if args.curves:
         try:
-            curves = plot_run(args.curves)
+            curves = plot_run(args.curves, into=out)
         except (Exception, SystemExit) as e:   # the evaluation is written already: its report comes without curves
             print(f"warning: --curves: not drawn ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
     write_report(out / "report.html", metrics, records, curves=curves)

@@ -26,7 +26,7 @@ a record, turn, atom or tool call of the wrong type becomes a "malformed ..." pl
 images are our own PNGs, base64-encoded: nothing of a data file reaches the page through them.
 
 Size: the page holds the full tool responses (already cut to the tools' token budget), so a full 7 × 512-question
-evaluation gives tens of MB; trajectories start collapsed. Regenerate with `python report.py DIR`.
+evaluation gives tens of MB; trajectories start collapsed. Regenerate with `python report.py DIR [--curves RUN]`.
 """
 from __future__ import annotations
 
@@ -401,10 +401,12 @@ def plot_panels(path: Path, panels, series: dict[str, dict[str, tuple[list[int],
     return path
 
 
-def plot_run(run: str | Path) -> list[Path]:
-    """`python report.py plot RUN`: RUN/curves.png (reward, F1, ATR, α, tool calls, format per step, with the
-    held-out F1 of each evaluation on the F1 panel) and RUN/diagnostics.png (curriculum.reward_diagnostics)."""
+def plot_run(run: str | Path, into: str | Path | None = None) -> list[Path]:
+    """`python report.py plot RUN`: curves.png (reward, F1, ATR, α, tool calls, format per step, with the held-out
+    F1 of each evaluation on the F1 panel) and diagnostics.png (curriculum.reward_diagnostics), written to `into`
+    (default RUN itself; --curves passes the evaluation's folder, so a shared training folder is only read)."""
     run = Path(run)
+    into = Path(run if into is None else into)
     steps, evals = run_records(run)
     if not steps:
         raise SystemExit(f"{run / 'metrics.jsonl'}: no GRPO step logged yet")
@@ -415,8 +417,8 @@ def plot_run(run: str | Path) -> list[Path]:
     curves = series(CURVES)
     if evals:
         curves["f1"]["held-out F1"] = ([r["step"] for r in evals], [r["eval"]["all"]["f1"] / 100 for r in evals], None)
-    return [plot_panels(run / "curves.png", CURVES, curves, f"{run}: training curves"),
-            plot_panels(run / "diagnostics.png", DIAGNOSTICS, series(DIAGNOSTICS), f"{run}: reward diagnostics")]
+    return [plot_panels(into / "curves.png", CURVES, curves, f"{run}: training curves"),
+            plot_panels(into / "diagnostics.png", DIAGNOSTICS, series(DIAGNOSTICS), f"{run}: reward diagnostics")]
 
 
 USAGE = """usage: python report.py DIR [--curves RUN]   DIR/report.html from evaluate.py's metrics.json and
@@ -433,5 +435,6 @@ if __name__ == "__main__":
         sys.exit(USAGE)
     run_dir = Path(sys.argv[1])
     report = read_run(run_dir)                     # first: a bad DIR fails before anything is drawn
-    write_report(run_dir / "report.html", *report, curves=plot_run(sys.argv[3]) if len(sys.argv) == 4 else None)
+    write_report(run_dir / "report.html", *report,
+                 curves=plot_run(sys.argv[3], into=run_dir) if len(sys.argv) == 4 else None)
     print(f"wrote {run_dir / 'report.html'}")

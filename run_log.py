@@ -8,8 +8,8 @@ share of the reward variance, outcome-flat and rescued groups), the tools' and j
 ranks, its timings, and on GPUs the trainer's peak memory in the rollout and the update (mem_rollout_gb,
 mem_update_gb). Failures that training survives are counted here, never silently. A held-out evaluation is a
 {"step", "eval"} record with F1/EM per benchmark (the toy's benchmarks are its question types). `write_summary`
-writes summary.json and prints the F1 table. report.py, bench/compare_rewards.py, bench/bench_demo.py and
-bench/ablation.py read what this writes.
+writes summary.json and prints the F1 table. report.py, bench/compare_rewards.py, bench/bench_demo.py,
+bench/ablation.py and bench/gpu_check.py read what this writes.
 """
 from __future__ import annotations
 

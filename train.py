@@ -27,8 +27,9 @@ rank 0 reads the weights and broadcasts the shards; a colocated VLLMEngine per r
 and gets its weights streamed one parameter at a time before every rollout (the HF engine, which cannot generate
 from a sharded model, gets an unsharded copy the same way); each rank rolls out whole prompt groups, so advantages
 need no communication; the mask-token count of the step is all-reduced once; micro-batches hold at most
---micro-batch-tokens padded tokens and their counts are equalized across ranks; metrics are all-reduced and rank 0
-logs; checkpoints are DCP (resumable on another world size), the SFT and final models are bf16 HF exports.
+--micro-batch-tokens padded tokens and their counts are equalized across ranks; step metrics are all-reduced and
+held-out scores gathered, and rank 0 logs; checkpoints are DCP (resumable on another world size), the SFT and final
+models are bf16 HF exports.
 
 Our choices where the paper is silent, most of them a flag (METHOD.md §6 lists them with their reasons): toy presets
 (with a first-turn SFT warm-up that lets the tiny model learn to copy names, --sft-warmup-steps; 0 for real models);
@@ -225,8 +226,8 @@ def held_out_scores(engine, env, args, d: Dist) -> dict[str, dict]:
               for s in part]                                          # every rank's (benchmark, F1, EM)
     groups = {name: [s for s in scored if s[0] == name] for name in sorted({s[0] for s in scored})}
     groups["all"] = scored
-    return {name: {"f1": 100 * sum(s[1] for s in g) / len(g), "em": 100 * sum(s[2] for s in g) / len(g), "n": len(g)}
-            for name, g in groups.items()}
+    return {name: {"f1": 100 * sum(s[1] for s in g) / max(len(g), 1), "em": 100 * sum(s[2] for s in g) / max(len(g), 1),
+                   "n": len(g)} for name, g in groups.items()}
 
 
 # ----------------------------------------------------------------------------- main

@@ -340,8 +340,26 @@ def test_cli_on_the_toy_world(toy_dir, tmp_path):
     records = load_records(out / "trajectories.jsonl")
     assert len(records) == 3 and all(r["benchmark"] == "test" and "turns" in r and "f1" in r for r in records)
     page = (out / "report.html").read_text()
-    assert page.count("<details ") == 3 and page.count('<img alt="') == 2 and (training / "curves.png").exists()
+    assert page.count("<details ") == 3 and page.count('<img alt="') == 2
+    assert (out / "curves.png").exists() and sorted(p.name for p in training.iterdir()) == ["metrics.jsonl"]
     assert "| method | test |" in proc.stdout and "| test | 3 |" in proc.stdout
+
+
+def test_curves_that_cannot_be_drawn_cost_the_report_its_curves_not_the_evaluation(toy_dir, tmp_path, capsys,
+                                                                                   monkeypatch):
+    import evaluate
+    folder, _ = toy_dir
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward": 0.5}) + "\n")
+
+    def broken(run, into=None):
+        raise RuntimeError("matplotlib fell over")
+    monkeypatch.setattr(evaluate, "plot_run", broken)
+    out = tmp_path / "eval"
+    main(["--toy", "--data-dir", str(folder), "--out", str(out), "--limit", "1", "--engine", "hf",
+          "--max-new-tokens", "8", "--max-turns", "1", "--curves", str(tmp_path)])
+    assert "warning: --curves: not drawn (RuntimeError: matplotlib fell over)" in capsys.readouterr().err
+    page = (out / "report.html").read_text()
+    assert page.count("<details ") == 1 and "<img" not in page and len(load_records(out / "trajectories.jsonl")) == 1
 
 
 @pytest.mark.parametrize("lines", [None, "", '{"step": 0, "eval": {}}\n'])

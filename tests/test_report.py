@@ -223,7 +223,7 @@ def test_the_report_inlines_the_training_runs_curves(tmp_path):
     images = [a for t, a in parsed.tags if t == "img"]
     assert [a["alt"] for a in images] == ["curves", "diagnostics"]
     for a in images:
-        png = (run / f"{a['alt']}.png").read_bytes()
+        png = (evaluation / f"{a['alt']}.png").read_bytes()       # drawn beside the report; RUN is only read
         assert base64.b64decode(a["src"].removeprefix("data:image/png;base64,")) == png
     assert page.index("Training curves") < page.index("<h2>Trajectories")
     assert all(a["src"].startswith("data:") for _, a in parsed.tags if "src" in a)          # one offline file
